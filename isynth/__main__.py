@@ -1,0 +1,5 @@
+import sys
+
+from isynth.cli import main
+
+sys.exit(main())

@@ -1,0 +1,158 @@
+"""The one transformer every paradigm shares.
+
+It maps input vectors x (B, T, C) and an optional condition vector c (B, C) to features (B, T, C). It
+knows nothing of tokens, masking, ordering or noise: paradigms embed their inputs and read its outputs.
+Pre-norm blocks (ViT/GPT-2), `scaled_dot_product_attention` with a causal or bidirectional mask,
+optional qk-norm (RAR reference) and optional adaLN-Zero conditioning (DiT, Peebles & Xie 2023).
+Incremental decoding writes keys/values into preallocated buffers (`KVCache`): no per-step concatenation.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from isynth.config import ModelConfig
+
+
+class KVCache:
+    """Preallocated keys and values for all layers: (depth, B, heads, max_len, head_dim) each."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
+        hd = cfg.width // cfg.num_heads
+        shape = (cfg.depth, batch, cfg.num_heads, max_len, hd)
+        self.k = torch.empty(shape, device=device, dtype=dtype)
+        self.v = torch.empty(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already written
+
+    def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v (B, h, T, hd) after the cached prefix and return views of the whole prefix."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[3]:
+            raise ValueError(f"KV cache overflow: {end} > {self.k.shape[3]}")
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.width // cfg.num_heads
+        self.qkv = nn.Linear(cfg.width, 3 * cfg.width)
+        self.proj = nn.Linear(cfg.width, cfg.width)
+        self.attn_dropout = cfg.attn_dropout
+        # qk-norm stabilises attention logits (Dehghani et al. 2023); used by the RAR reference.
+        self.q_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: Tensor, causal: bool, cache: KVCache | None, layer: int) -> Tensor:
+        b, t, c = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        mask, is_causal = None, causal
+        if cache is not None:
+            start = cache.length
+            k, v = cache.write(layer, k, v)
+            if start > 0 and causal and t > 1:  # a block of new queries after a cached prefix
+                mask = torch.ones(t, start + t, dtype=torch.bool, device=x.device).tril(start)
+            is_causal = causal and start == 0 and t > 1
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))  # (B, T, C)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_hidden)
+        self.fc2 = nn.Linear(cfg.mlp_hidden, cfg.width)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.adaln = cfg.adaln
+        # With adaLN the affine parameters come from the condition, so the norms have none.
+        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
+        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
+        self.attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.adaln:
+            self.modulation = nn.Linear(cfg.width, 6 * cfg.width)
+
+    def forward(self, x: Tensor, c: Tensor | None, causal: bool, cache: KVCache | None, layer: int) -> Tensor:
+        if not self.adaln:
+            x = x + self.drop(self.attn(self.norm1(x), causal, cache, layer))
+            return x + self.mlp(self.norm2(x))
+        mods = self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, C)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mods
+        x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), causal, cache, layer))
+        return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
+        if cfg.adaln:
+            self.final_modulation = nn.Linear(cfg.width, 2 * cfg.width)
+        self.apply(_init_weights)
+        if cfg.adaln:  # adaLN-Zero: every block starts as the identity (DiT, sec. 3.2)
+            for m in [blk.modulation for blk in self.blocks] + [self.final_modulation]:
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None) -> Tensor:
+        """x: (B, T, C) input vectors; c: (B, C) condition (required iff adaLN). Returns (B, T, C)."""
+        if self.cfg.adaln and c is None:
+            raise ValueError("this backbone uses adaLN and needs a condition vector c")
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, c, causal, cache, i)
+        if cache is not None:
+            cache.length += x.shape[1]
+        if not self.cfg.adaln:
+            return self.norm(x)
+        shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, C)
+        return modulate(self.norm(x), shift, scale)
+
+    def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
+        return KVCache(self.cfg, batch, max_len, device, dtype)
+
+    def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False) -> int:
+        """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.
+
+        2*m*n*k per matmul (SPEC 2): qkv, output projection, the two MLP layers, attention scores QK^T
+        and the weighted sum PV (counted in full under a causal mask, as the dense kernels compute and
+        FlopCounterMode counts them), and the adaLN modulation of the one condition vector.
+        train=True adds the backward pass: 2x forward for the dense layers (input and weight gradients),
+        2.5x for attention, whose flash backward recomputes QK^T (5 matmuls for 2; Dao et al. 2022).
+        """
+        cfg, q = self.cfg, num_queries
+        kv = num_queries if num_keys is None else num_keys
+        c, h = cfg.width, cfg.mlp_hidden
+        dense = 2 * q * (3 * c * c + c * c + 2 * c * h) + (2 * c * 6 * c if cfg.adaln else 0)
+        attn = 2 * 2 * q * kv * c
+        final = 2 * c * 2 * c if cfg.adaln else 0
+        if not train:
+            return cfg.depth * (dense + attn) + final
+        return cfg.depth * (3 * dense + 7 * attn // 2) + 3 * final
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

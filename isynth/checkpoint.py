@@ -1,0 +1,150 @@
+"""Run directories and checkpoints: safetensors + JSON, written atomically, never pickle.
+
+A run directory holds `config.json` (the RunConfig), `checkpoint.safetensors` (weights, EMA weights and
+optimizer state as tensors; step, FLOPs and optimizer hyper-parameters as JSON metadata) and `log.jsonl`.
+Every file is written to a temporary name in the same directory and renamed into place, so a process
+killed at any instant leaves either the previous file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from isynth.config import RunConfig
+from isynth.errors import IsynthError
+
+CONFIG, CHECKPOINT, LOG = "config.json", "checkpoint.safetensors", "log.jsonl"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are ordinary user files
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
+    return out
+
+
+def prepare_run_dir(out: Path, run: RunConfig) -> bool:
+    """Create `out` with config.json, or check an existing run has the same config. True if resuming."""
+    out = Path(out)
+    cfg_path = out / CONFIG
+    if cfg_path.is_file():
+        saved = read_config_dict(out)
+        changes = _diff(saved, run.to_dict())
+        if changes:
+            raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "
+                              "use a new --out directory")
+        return True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IsynthError(f"{out} exists and is not an isynth run directory; use a new --out directory")
+    # Build the directory beside its final name and rename it into place: never a half-made run.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)
+        atomic_write_text(tmp / CONFIG, run.to_json())
+        if out.exists():
+            out.rmdir()  # empty directory made by the user
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return False
+
+
+def read_config_dict(run_dir: Path) -> dict:
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise IsynthError(f"{run_dir} is not an isynth run directory (no {CONFIG})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise IsynthError(f"{path}: unreadable config ({e})") from None
+    if not isinstance(data, dict) or "paradigm" not in data:
+        raise IsynthError(f"{path}: not an isynth config")
+    return data
+
+
+def save_checkpoint(path: Path, model: dict, ema: dict, optimizer: dict, meta: dict) -> None:
+    """One safetensors file: 'model/…', 'ema/…', 'optim/<param>/<state>' tensors + JSON metadata."""
+    tensors = {f"model/{k}": v for k, v in model.items()}
+    tensors.update({f"ema/{k}": v for k, v in ema.items()})
+    for idx, state in optimizer["state"].items():
+        for name, value in state.items():
+            tensors[f"optim/{idx}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(optimizer["param_groups"])}
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
+    """(model state, EMA state, optimizer state dict, meta) from `save_checkpoint`'s file."""
+    path = Path(path)
+    try:
+        tensors = load_file(path)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        meta = json.loads(metadata["meta"])
+        groups = json.loads(metadata["param_groups"])
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise IsynthError(f"{path}: corrupt or unreadable checkpoint ({type(e).__name__})") from None
+    model, ema, state = {}, {}, {}
+    for key, value in tensors.items():
+        kind, _, rest = key.partition("/")
+        if kind == "model":
+            model[rest] = value
+        elif kind == "ema":
+            ema[rest] = value
+        elif kind == "optim":
+            idx, _, name = rest.partition("/")
+            state.setdefault(int(idx), {})[name] = value
+    return model, ema, {"state": state, "param_groups": groups}, meta
+
+
+def load_weights(module: torch.nn.Module, state: dict, source: Path) -> None:
+    """Load a state dict, turning a mismatch (another config's checkpoint) into one clear error."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    bad_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or bad_shape:
+        what = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
+                else f"shape of {bad_shape[0]} {tuple(state[bad_shape[0]].shape)} != {tuple(own[bad_shape[0]].shape)}")
+        raise IsynthError(f"{source}: checkpoint does not match this run's config ({what})")
+    module.load_state_dict(state)

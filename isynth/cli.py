@@ -1,0 +1,179 @@
+"""`isynth` command line: train, sample, eval, flops, compare.
+
+A command picks a preset and overrides fields with `section.field=value` arguments (e.g.
+`model.width=64 sample.cfg_scale=3`). Any bad input ends with one line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from isynth.config import parse_overrides, with_overrides
+from isynth.errors import IsynthError
+
+OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
+
+
+def _dataset_overrides(dataset: str | None) -> list[str]:
+    """--dataset digits, or --dataset path/to/data.npz."""
+    if dataset is None:
+        return []
+    if dataset == "digits":
+        return ["data.name=digits"]
+    if dataset.endswith(".npz"):
+        return ["data.name=npz", f"data.path={dataset}"]
+    raise IsynthError(f"unknown dataset {dataset!r}: use 'digits' or a path to an .npz file")
+
+
+def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
+    if steps is not None and flops is not None:
+        raise IsynthError("give one budget: --steps or --flops, not both")
+    if steps is not None:
+        return [f"train.max_steps={steps}", "train.train_flops=none"]
+    if flops is not None:
+        return [f"train.train_flops={flops}", "train.max_steps=none"]
+    return []
+
+
+def _sampling(model, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
+    """The run's sampling config with command-line changes applied (`sample.` prefix optional)."""
+    items = [o if o.startswith("sample.") else f"sample.{o}" for o in overrides]
+    parsed = {k.removeprefix("sample."): v for k, v in parse_overrides(items).items()}
+    s = with_overrides(model.run.sample, parsed, prefix="sample.")
+    if cfg_scale is not None:
+        s = dataclasses.replace(s, cfg_scale=cfg_scale)
+    if kv_cache is not None:
+        if not hasattr(s, "kv_cache"):
+            raise IsynthError(f"paradigm {model.run.paradigm!r} has no KV cache option")
+        s = dataclasses.replace(s, kv_cache=kv_cache)
+    return s
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli():
+    """isynth: transformer image-generation paradigms on one backbone, compared at equal compute."""
+
+
+@cli.command()
+@click.argument("paradigm")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory (re-running resumes).")
+@click.option("--dataset", default=None, help="'digits' (default) or a path to an .npz (arr_0 uint8 NHWC, labels).")
+@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b, rar-l, rar-xl, rar-xxl.")
+@click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
+@click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@OVERRIDES
+def train(paradigm, out, dataset, preset, steps, flops, quiet, overrides):
+    """Train PARADIGM (ar, rar) into --out."""
+    from isynth.presets import make_run
+    from isynth.trainer import train as run_training
+
+    run = make_run(paradigm, preset, [*_dataset_overrides(dataset), *_budget_overrides(steps, flops), *overrides])
+    run_training(run, out, progress=not quiet)
+    if not quiet:
+        click.echo(f"trained {paradigm} -> {out}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--num-samples", type=int, default=100, show_default=True)
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output .npz (a .png grid is written beside it).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cfg-scale", type=float, default=None, help="Guidance weight g (1 = no CFG).")
+@click.option("--kv-cache/--no-kv-cache", default=None, help="Incremental decoding with the KV cache.")
+@click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@OVERRIDES
+def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrides):
+    """Generate class-conditional samples (labels cycle through the classes) from RUN_DIR."""
+    from isynth.eval.images import save_grid, save_samples
+    from isynth.runs import cycling_labels, generate, load_trained
+
+    if num_samples <= 0:
+        raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
+    if out.suffix != ".npz":
+        raise IsynthError(f"--out must be an .npz file, got {out}")
+    model, dataset, _ = load_trained(run_dir, use_ema=not no_ema)
+    s = _sampling(model, overrides, cfg_scale, kv_cache)
+    labels = cycling_labels(num_samples, dataset.num_classes)
+    images, seconds = generate(model, labels, s, seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_samples(out, images, labels)
+    save_grid(out.with_suffix(".png"), images[:100])
+    click.echo(json.dumps({"out": str(out), "num_samples": num_samples, "images_per_s": round(num_samples / seconds, 2),
+                           "sample_flops_per_image": model.sample_flops(s), "sampling": dataclasses.asdict(s)}))
+
+
+@cli.command(name="eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--num-samples", type=int, default=None, help="Default: the run's train.eval_num_samples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--cfg-scale", type=float, default=None, help="Guidance weight g (1 = no CFG).")
+@click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA weights.")
+@OVERRIDES
+def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
+    """Sample RUN_DIR, score the samples, write RUN_DIR/metrics.json and print it."""
+    from isynth.eval.run_eval import evaluate_run
+    from isynth.runs import load_trained
+
+    if num_samples is not None and num_samples < 2:
+        raise IsynthError(f"--num-samples must be >= 2, got {num_samples}")
+    model, _, _ = load_trained(run_dir)
+    s = _sampling(model, overrides, cfg_scale, None)
+    click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema), indent=2))
+
+
+@cli.command()
+@click.argument("paradigm")
+@click.option("--preset", default="cpu", show_default=True)
+@click.option("--dataset", default=None, help="'digits' (default) or an .npz path; sets the token grid.")
+@click.option("--seq-len", type=int, default=None, help="Token count instead of the dataset's (e.g. 256 for ImageNet VQ f16).")
+@click.option("--vocab-size", type=int, default=None, help="Codebook size with --seq-len (e.g. 1024).")
+@click.option("--num-classes", type=int, default=None, help="Classes with --seq-len (e.g. 1000).")
+@OVERRIDES
+def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, overrides):
+    """Print parameters and training / sampling FLOPs of PARADIGM at a preset as JSON."""
+    from isynth.report import flops_report
+
+    click.echo(json.dumps(flops_report(paradigm, preset, [*_dataset_overrides(dataset), *overrides],
+                                       seq_len, vocab_size, num_classes), indent=2))
+
+
+@cli.command()
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for runs, table and grids.")
+@click.option("--paradigms", default=None, help="Comma-separated subset (default: all implemented).")
+@click.option("--preset", default="cpu", show_default=True)
+@click.option("--flops", "train_flops", type=float, default=None, help="Training FLOPs per paradigm (default: the main job's).")
+@click.option("--quiet", is_flag=True)
+@OVERRIDES
+def compare(out, paradigms, preset, train_flops, quiet, overrides):
+    """The main job: train every paradigm on digits at the same training FLOPs, evaluate, tabulate."""
+    from isynth.compare import run_compare
+
+    names = paradigms.split(",") if paradigms else None
+    run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="isynth", standalone_mode=False)
+    except IsynthError as e:
+        click.echo(f"isynth: error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("isynth: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        click.echo(f"isynth: error: {e.format_message()}", err=True)
+        return e.exit_code
+    except KeyboardInterrupt:
+        click.echo("isynth: interrupted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""`isynth compare`, the main job: every paradigm trained at the same training-FLOPs budget on digits,
+evaluated with the same metrics, tabulated with the compute each one spent (Kilian et al. 2024's
+protocol at laptop scale). Re-running resumes finished and unfinished runs alike.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from isynth.checkpoint import atomic_write_text
+from isynth.errors import IsynthError
+from isynth.eval.run_eval import evaluate_run
+from isynth.paradigms import PARADIGMS
+from isynth.presets import make_run
+from isynth.trainer import train
+
+# Training FLOPs per paradigm in the default main job: ~2 minutes of the `cpu` preset on 2 cores.
+DEFAULT_TRAIN_FLOPS = 1.0e13
+
+COLUMNS = [  # (header, key, format)
+    ("paradigm", "paradigm", "{}"),
+    ("params", "params", "{:,}"),
+    ("train FLOPs", "train_flops", "{:.2e}"),
+    ("steps", "step", "{}"),
+    ("class acc", "class_accuracy", "{:.3f}"),
+    ("FD-digits", "fd_digits", "{:.2f}"),
+    ("precision", "precision", "{:.3f}"),
+    ("recall", "recall", "{:.3f}"),
+    ("IS", "inception_score", "{:.2f}"),
+    ("memorised", "memorization_rate", "{:.3f}"),
+    ("NLL bits/tok", "nll_bits_per_token", "{:.3f}"),
+    ("sample FLOPs/img", "sample_flops_per_image", "{:.2e}"),
+    ("NFE", "nfe", "{}"),
+    ("images/s", "images_per_s", "{:.1f}"),
+    ("train s", "train_wall_s", "{:.0f}"),
+    ("sampling", "sampling_short", "{}"),
+]
+
+
+def _short_sampling(s: dict) -> str:
+    keys = [k for k in ("cfg_scale", "cfg_pow", "temperature", "top_k", "top_p", "kv_cache", "num_steps") if k in s]
+    return " ".join(f"{k}={s[k]}" for k in keys)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for r in rows:
+        cells = []
+        for _, key, fmt in COLUMNS:
+            v = r.get(key)
+            cells.append("—" if v is None else fmt.format(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: float | None,
+                overrides: list[str], progress: bool = True) -> list[dict]:
+    names = names or list(PARADIGMS)
+    unknown = [n for n in names if n not in PARADIGMS]
+    if unknown:
+        raise IsynthError(f"unknown paradigm {unknown[0]!r}; choose from {', '.join(PARADIGMS)}")
+    budget = DEFAULT_TRAIN_FLOPS if train_flops is None else train_flops
+    if budget <= 0:
+        raise IsynthError(f"--flops must be > 0, got {budget}")
+    budget_args = [f"train.train_flops={budget}", "train.max_steps=none"]
+    runs = {n: make_run(n, preset, [*overrides, *budget_args]) for n in names}  # validate all before any work
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, t_start = [], time.perf_counter()
+    for name, run in runs.items():
+        t0 = time.perf_counter()
+        train(run, out / name, progress=progress)
+        t1 = time.perf_counter()
+        row = evaluate_run(out / name)
+        row.update(train_wall_s=t1 - t0, eval_wall_s=time.perf_counter() - t1,
+                   sampling_short=_short_sampling(row["sampling"]))
+        rows.append(row)
+        if progress:
+            click.echo(f"{name}: class acc {row['class_accuracy']:.3f}, FD-digits {row['fd_digits']:.2f}, "
+                       f"{row['train_wall_s'] + row['eval_wall_s']:.0f} s", err=True)
+    summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides,
+               "wall_s": time.perf_counter() - t_start, "rows": rows}
+    atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    md = table(rows)
+    atomic_write_text(out / "results.md", f"# isynth compare ({preset}, {budget:.2e} training FLOPs each)\n\n{md}\n\n"
+                      + "".join(f"![{r['paradigm']}]({r['paradigm']}/samples.png)\n" for r in rows))
+    click.echo(md)
+    click.echo(f"\nwall time {summary['wall_s']:.0f} s; table, samples and grids in {out}")
+    return rows

@@ -1,0 +1,112 @@
+"""Datasets as uint8 NHWC arrays (the ADM evaluator convention) with a fixed, seeded held-out split.
+
+`digits` is scikit-learn's bundled 8x8 handwritten digits (1,797 images, grey levels 0..16, 10 classes),
+so every default works offline. Its levels v are stored as uint8 round(v * 255 / 16), which the 17-level
+tokenizer inverts exactly. `npz` reads user data: `arr_0` uint8 [N, H, W, C] and `labels` int64 [N].
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from isynth.config import DataConfig
+from isynth.errors import IsynthError
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Train and held-out images (uint8 [N, H, W, C]) with int64 labels."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    eval_images: np.ndarray
+    eval_labels: np.ndarray
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])  # (H, W, C)
+
+
+def validate_images(images: np.ndarray, labels: np.ndarray, source: str) -> None:
+    """Raise IsynthError naming the first problem with an (images, labels) pair."""
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise IsynthError(f"{source}: images must be uint8, got {getattr(images, 'dtype', type(images))}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise IsynthError(f"{source}: images must have shape [N, H, W, C] with C in (1, 3), got {list(images.shape)}")
+    if images.shape[0] < 2:
+        raise IsynthError(f"{source}: need at least 2 images, got {images.shape[0]}")
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
+        raise IsynthError(f"{source}: labels must be integers, got {getattr(labels, 'dtype', type(labels))}")
+    if labels.shape != (images.shape[0],):
+        raise IsynthError(f"{source}: labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
+    if labels.min() < 0:
+        raise IsynthError(f"{source}: labels must be >= 0, found {int(labels.min())}")
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    levels = d.images.astype(np.int64)  # (N, 8, 8) in 0..16
+    images = np.rint(levels * 255.0 / 16.0).astype(np.uint8)[..., None]  # (N, 8, 8, 1)
+    return images, d.target.astype(np.int64)
+
+
+def read_npz(path: str | Path, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+    """Read and validate an ADM-style .npz: (images uint8 [N, H, W, C], labels int64 [N])."""
+    p = Path(path)
+    if not p.is_file():
+        raise IsynthError(f"{what} file not found: {p}")
+    try:
+        # Our own handle: np.load(path) leaks its file when the zip is corrupt (it closes it only on success).
+        with open(p, "rb") as fh:
+            f = np.load(fh, allow_pickle=False)
+            if not hasattr(f, "files"):  # a .npy file loads as one bare array
+                raise IsynthError(f"{p}: not an .npz archive (found a single array)")
+            with f:
+                missing = [k for k in ("arr_0", "labels") if k not in f.files]
+                if missing:
+                    raise IsynthError(f"{p}: missing array(s) {missing}, found {f.files} "
+                                      f"(want arr_0 uint8 [N, H, W, C] and labels int64 [N])")
+                images, labels = f["arr_0"], f["labels"]
+    except IsynthError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise IsynthError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    validate_images(images, labels, str(p))
+    return images, labels.astype(np.int64)
+
+
+def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
+    if not path:
+        raise IsynthError("data.path is required for the npz dataset (use --dataset path/to/data.npz)")
+    return read_npz(path)
+
+
+def load_dataset(cfg: DataConfig) -> ImageDataset:
+    """Load a dataset and split it with a seeded permutation (the same split on every machine)."""
+    if cfg.name == "digits":
+        images, labels = _load_digits()
+    elif cfg.name == "npz":
+        images, labels = _load_npz(cfg.path)
+    else:  # DataConfig validates the name; kept for direct callers
+        raise IsynthError(f"unknown dataset {cfg.name!r}")
+    n = images.shape[0]
+    n_eval = max(1, int(round(n * cfg.eval_fraction)))
+    if n_eval >= n:
+        raise IsynthError(f"data.eval_fraction={cfg.eval_fraction} leaves no training images out of {n}")
+    perm = np.random.default_rng(cfg.split_seed).permutation(n)
+    ev, tr = perm[:n_eval], perm[n_eval:]
+    return ImageDataset(
+        name=cfg.name,
+        train_images=images[tr],
+        train_labels=labels[tr],
+        eval_images=images[ev],
+        eval_labels=labels[ev],
+        num_classes=int(labels.max()) + 1,
+    )

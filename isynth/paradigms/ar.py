@@ -1,0 +1,168 @@
+"""Next-token prediction (`ar`): raster-order autoregression over discrete tokens (SPEC 1.1).
+
+Sequence [cond, x_1 .. x_N]: the class embedding is the first input and x_i is predicted from
+(cond, x_<i) with cross-entropy (LlamaGen / Kilian'24 NTP). The input at step i is x_{i-1}, so the last
+token is never an input and the model runs N positions for N targets. Sampling is one token per step with
+a KV cache (one forward over the new token), temperature, top-k, top-p and classifier-free guidance by a
+doubled batch with RAR's pow-cosine schedule.
+
+The generation order is a hook (`training_order`): `rar` subclasses this file with random permutations
+and target-aware positions; everything else (loss, sampling, NLL, FLOPs) is this one implementation.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from isynth.backbone import Transformer
+from isynth.config import RunConfig, check
+from isynth.embeddings import ClassEmbedding, learned_positions
+from isynth.guidance import draw, filter_logits, guide, pow_cosine_scale
+from isynth.paradigms.base import Paradigm
+from isynth.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class ARConfig:
+    class_dropout: float = 0.1    # label -> null class during training, for CFG (RAR: 0.1)
+
+    def __post_init__(self):
+        check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ARSampleConfig:
+    temperature: float = 1.0
+    top_k: int = 0                # 0 = off
+    top_p: float = 1.0            # 1 = off
+    cfg_scale: float = 1.0        # guidance weight g; 1 = no guidance (no unconditional pass)
+    cfg_pow: float = 0.0          # RAR pow-cosine schedule exponent; 0 = constant g
+    kv_cache: bool = True
+    batch_size: int = 256         # images per sampling batch
+
+    def __post_init__(self):
+        check(self.temperature > 0, "sample.temperature must be > 0")
+        check(self.top_k >= 0, "sample.top_k must be >= 0")
+        check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
+        check(self.cfg_scale >= 0 and self.cfg_pow >= 0, "sample.cfg_scale and sample.cfg_pow must be >= 0")
+        check(self.batch_size > 0, "sample.batch_size must be > 0")
+
+
+class AR(Paradigm):
+    name = "ar"
+    Config = ARConfig
+    SampleConfig = ARSampleConfig
+    discrete = True
+    target_aware = False
+
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+        super().__init__(run, tokenizer, num_classes)
+        c, n = run.model.width, self.seq_len
+        self.tok_embed = nn.Embedding(tokenizer.vocab_size, c)
+        nn.init.trunc_normal_(self.tok_embed.weight, std=0.02)
+        self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
+        self.pos_embed = learned_positions(n + 1, c)  # index 0: cond; 1 + j: image position j
+        # RAR's target-aware table: the input at step i also carries the embedding of the position it
+        # must predict next (seed 001 sec. 3.2), so different orders give different logits.
+        self.target_pos_embed = learned_positions(n, c) if self.target_aware else None
+        self.net = Transformer(run.model)
+        self.head = nn.Linear(c, tokenizer.vocab_size)
+        nn.init.zeros_(self.head.bias)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+
+    # --- ordering hook ------------------------------------------------------------------------------
+    def training_order(self, batch: int, device) -> Tensor | None:
+        """Per-sample generation order (B, N) for a training batch, or None for raster."""
+        return None
+
+    # --- network ------------------------------------------------------------------------------------
+    def _inputs(self, prev: Tensor, cond: Tensor, order: Tensor | None, start: int) -> Tensor:
+        """Input vectors (B, T, C) for sequence steps start .. start+T-1.
+
+        Step 0 reads the condition; step s >= 1 reads the token generated at step s-1. prev: (B, T') those
+        tokens, in generation order (T = T' + 1 when start == 0, else T'); cond: (B, C); order: (B, N)
+        image position generated at each step, None for raster.
+        """
+        b, dev = cond.shape[0], cond.device
+        t = prev.shape[1] + (start == 0)
+        parts = [cond[:, None] + self.pos_embed[:, :1]] if start == 0 else []  # (B, 1, C)
+        if prev.shape[1] > 0:
+            j = torch.arange(max(start - 1, 0), max(start - 1, 0) + prev.shape[1], device=dev)  # steps of prev
+            where = j.expand(b, -1) if order is None else order[:, j]  # (B, T') image positions
+            parts.append(self.tok_embed(prev) + self.pos_embed[0, 1 + where])
+        x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, C)
+        if self.target_pos_embed is not None:
+            steps = torch.arange(start, start + t, device=dev)
+            target = steps.expand(b, -1) if order is None else order[:, steps]  # (B, T) position predicted next
+            x = x + self.target_pos_embed[0, target]
+        return x
+
+    def logits(self, tokens: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, N, V) for tokens (B, N) in raster layout, read in `order`."""
+        seq = tokens if order is None else torch.gather(tokens, 1, order)  # (B, N) in generation order
+        cond = self.class_embed(labels)  # (B, C)
+        x = self._inputs(seq[:, :-1], cond, order, start=0)  # (B, N, C)
+        h = self.net(x, cond if self.run.model.adaln else None, causal=True)
+        return self.head(h)
+
+    def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        order = self.training_order(tokens.shape[0], tokens.device)
+        logits = self.logits(tokens, labels, order)
+        target = tokens if order is None else torch.gather(tokens, 1, order)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+    @torch.no_grad()
+    def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        """Exact NLL of the raster factorisation (the order the model samples in), bits per token."""
+        logits = self.logits(tokens, labels)
+        nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
+        return nats.mean(1) / math.log(2)
+
+    # --- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampling: ARSampleConfig | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        s = self.sampling_or_default(sampling)
+        b, n = labels.shape[0], self.seq_len
+        use_cfg = s.cfg_scale != 1.0
+        rows = torch.cat([labels, torch.full_like(labels, self.class_embed.null)]) if use_cfg else labels
+        cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
+        c_ada = cond if self.run.model.adaln else None
+        out = torch.empty(b, n, dtype=torch.long, device=labels.device)
+        cache = self.net.new_cache(rows.shape[0], n, labels.device, cond.dtype) if s.kv_cache else None
+        for i in range(n):
+            prev = out[:, i - 1:i] if cache is not None else out[:, :i]  # newest input, or the whole prefix
+            prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
+            x = self._inputs(prev, cond, None, start=i if cache is not None else 0)
+            h = self.net(x, c_ada, causal=True, cache=cache)[:, -1]  # (R, C)
+            logits = self.head(h).float()  # (R, V)
+            if use_cfg:
+                w = pow_cosine_scale(i, n, s.cfg_scale, s.cfg_pow)
+                logits = guide(logits[:b], logits[b:], w)
+            out[:, i] = draw(filter_logits(logits, s.top_k, s.top_p), s.temperature, generator)
+        return out
+
+    # --- compute accounting (SPEC 2) ----------------------------------------------------------------
+    def _head_flops(self, positions: int) -> int:
+        return 2 * positions * self.run.model.width * self.tokenizer.vocab_size
+
+    def train_flops_per_sample(self) -> int:
+        n = self.seq_len
+        return self.net.flops(n, n, train=True) + 3 * self._head_flops(n)  # head backward = 2 x forward
+
+    def sample_flops(self, sampling: ARSampleConfig | None = None) -> int:
+        s = self.sampling_or_default(sampling)
+        n = self.seq_len
+        if s.kv_cache:  # step i: one new query over i+1 cached keys
+            net = sum(self.net.flops(1, i + 1) for i in range(n))
+        else:  # step i: the whole prefix of i+1 positions again
+            net = sum(self.net.flops(i + 1, i + 1) for i in range(n))
+        passes = 2 if s.cfg_scale != 1.0 else 1
+        return passes * (net + self._head_flops(n))
+
+    def num_network_evals(self, sampling: ARSampleConfig | None = None) -> int:
+        return self.seq_len

@@ -1,0 +1,74 @@
+"""The contract every paradigm implements (STYLE principle 2).
+
+A paradigm owns its corruption / ordering / noise and its input and output layers, and takes the shared
+`Transformer` as its network. The trainer, sampler, evaluator and FLOPs accounting only see this contract:
+
+    loss(tokens, labels) -> scalar              training objective on a batch of tokens
+    sample(labels, sampling, generator) -> tokens
+    train_flops_per_sample() -> int             forward + backward matmul FLOPs for one training sample
+    sample_flops(sampling) -> int               matmul FLOPs to generate one image (all network calls)
+    nll_bits_per_token(tokens, labels) -> Tensor | None   exact NLL where the model defines one
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from isynth.config import RunConfig
+from isynth.tokenizers import Tokenizer
+
+
+class Paradigm(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type]          # frozen dataclass of training-side settings (run.method)
+    SampleConfig: ClassVar[type]    # frozen dataclass of sampling settings (run.sample)
+    discrete: ClassVar[bool]        # which tokenizer family it needs
+
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+        super().__init__()
+        self.run, self.tokenizer, self.num_classes = run, tokenizer, num_classes
+        self.seq_len = tokenizer.seq_len
+        self.train_step, self.total_steps = 0, 1
+
+    def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        # DDP synchronises gradients of calls through forward, so training calls the module itself.
+        return self.loss(tokens, labels)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Told by the trainer before each step; schedules that depend on training progress read it."""
+        self.train_step, self.total_steps = step, total_steps
+
+    # --- the contract -----------------------------------------------------------------------------
+    def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampling=None, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def train_flops_per_sample(self) -> int:
+        raise NotImplementedError
+
+    def sample_flops(self, sampling=None) -> int:
+        raise NotImplementedError
+
+    def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor | None:
+        """Per-sample NLL in bits per token, or None where the paradigm has no exact likelihood."""
+        return None
+
+    def num_network_evals(self, sampling=None) -> int:
+        """Number of backbone calls to generate one batch (NFE), CFG passes counted once."""
+        raise NotImplementedError
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def sampling_or_default(self, sampling):
+        return self.run.sample if sampling is None else sampling
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,75 @@
+"""RAR, randomized autoregressive modeling (`rar`, seed 001; SPEC 1.2).
+
+Next-token prediction (this subclasses `ar`) where each training sample's order is a random permutation
+with probability r, else raster. r = 1 until `anneal_start_step`, then falls linearly to 0 at
+`anneal_end_step` (paper: epochs 200 -> 300 of 400, i.e. 50% -> 75% of training, the defaults here).
+`order = random` / `raster` are the ablation endpoints (seed 001 Table 2). Target-aware positions
+(seed 001 sec. 3.2, Fig. 3b) tell each input which position comes next; `target_aware = false` removes
+them for the ablation. Sampling is always raster with the KV cache, exactly as `ar`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from isynth.config import RunConfig, check
+from isynth.paradigms.ar import AR, ARConfig, ARSampleConfig
+from isynth.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class RARConfig(ARConfig):
+    order: Literal["anneal", "random", "raster"] = "anneal"
+    anneal_start_step: int | None = None  # None: 50% of training steps
+    anneal_end_step: int | None = None    # None: 75% of training steps
+    target_aware: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        s, e = self.anneal_start_step, self.anneal_end_step
+        check(s is None or s >= 0, "method.anneal_start_step must be >= 0")
+        check(e is None or e >= 0, "method.anneal_end_step must be >= 0")
+        check(s is None or e is None or e >= s, "method.anneal_end_step must be >= anneal_start_step")
+
+
+def random_ratio(step: int, start: int, end: int) -> float:
+    """Probability r of a random permutation at `step` (seed 001 eq. 4 / `get_rar_random_ratio`)."""
+    if step < start:
+        return 1.0
+    if step >= end:
+        return 0.0
+    return 1.0 - (step - start) / (end - start)
+
+
+class RAR(AR):
+    name = "rar"
+    Config = RARConfig
+    SampleConfig = ARSampleConfig
+
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+        self.target_aware = run.method.target_aware  # read by AR.__init__ to build the table
+        super().__init__(run, tokenizer, num_classes)
+
+    def anneal_window(self) -> tuple[int, int]:
+        m, total = self.run.method, self.total_steps
+        start = m.anneal_start_step if m.anneal_start_step is not None else total // 2
+        end = m.anneal_end_step if m.anneal_end_step is not None else (3 * total) // 4
+        return start, max(start, end)
+
+    def current_ratio(self) -> float:
+        order = self.run.method.order
+        if order != "anneal":
+            return 1.0 if order == "random" else 0.0
+        return random_ratio(self.train_step, *self.anneal_window())
+
+    def training_order(self, batch: int, device) -> Tensor | None:
+        r = self.current_ratio()
+        if r <= 0.0:
+            return None
+        perms = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)  # (B, N) uniform permutations
+        raster = torch.arange(self.seq_len, device=device).expand(batch, -1)
+        use_random = torch.rand(batch, 1, device=device) < r  # (B, 1)
+        return torch.where(use_random, perms, raster)

@@ -1,0 +1,51 @@
+"""`isynth flops`: parameters and FLOPs of a paradigm at a preset, built on the meta device (no memory)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from isynth.data import load_dataset
+from isynth.errors import IsynthError
+from isynth.paradigms import build_paradigm
+from isynth.presets import make_run
+from isynth.tokenizers import ShapeOnly, build_tokenizer
+
+
+def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int | None = None,
+                 vocab_size: int | None = None, num_classes: int | None = None) -> dict:
+    run = make_run(paradigm, preset, overrides)
+    if seq_len is not None:
+        if seq_len <= 0 or (vocab_size is not None and vocab_size < 2) or (num_classes is not None and num_classes < 1):
+            raise IsynthError("--seq-len must be > 0, --vocab-size >= 2 and --num-classes >= 1")
+        tokenizer = ShapeOnly(seq_len, vocab_size or run.tokenizer.levels)
+        classes = num_classes or 1000
+    else:
+        if vocab_size is not None or num_classes is not None:
+            raise IsynthError("--vocab-size and --num-classes go with --seq-len")
+        dataset = load_dataset(run.data)
+        tokenizer, classes = build_tokenizer(run.tokenizer, dataset.image_shape), dataset.num_classes
+    with torch.device("meta"):
+        model = build_paradigm(run, tokenizer, classes)
+    s = run.sample
+    variants = {}
+    for name, change in {"as_configured": {}, "no_cfg": {"cfg_scale": 1.0}}.items():
+        variants[name] = model.sample_flops(dataclasses.replace(s, **change))
+    if hasattr(s, "kv_cache"):
+        variants["no_kv_cache"] = model.sample_flops(dataclasses.replace(s, kv_cache=False))
+        variants["no_kv_cache_no_cfg"] = model.sample_flops(dataclasses.replace(s, kv_cache=False, cfg_scale=1.0))
+    return {
+        "paradigm": paradigm,
+        "preset": preset,
+        "params": model.num_params(),
+        "width": run.model.width,
+        "depth": run.model.depth,
+        "num_heads": run.model.num_heads,
+        "seq_len": tokenizer.seq_len,
+        "vocab_size": tokenizer.vocab_size,
+        "train_flops_per_sample": model.train_flops_per_sample(),
+        "sample_flops_per_image": variants["as_configured"],
+        "sample_flops_per_image_variants": variants,
+        "nfe": model.num_network_evals(s),
+        "sampling": dataclasses.asdict(s),
+    }

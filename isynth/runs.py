@@ -1,0 +1,64 @@
+"""Loading trained runs and generating images from them (used by sample, eval and compare)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from isynth.checkpoint import CHECKPOINT, load_checkpoint, load_weights, read_config_dict
+from isynth.config import DataConfig, ModelConfig, RunConfig, TokenizerConfig, TrainConfig, from_dict
+from isynth.data import ImageDataset, load_dataset
+from isynth.errors import IsynthError
+from isynth.hardware import default_device
+from isynth.paradigms import build_paradigm, paradigm_class
+from isynth.paradigms.base import Paradigm
+from isynth.tokenizers import build_tokenizer
+
+
+def run_from_dict(d: dict) -> RunConfig:
+    cls = paradigm_class(d["paradigm"])
+    try:
+        return RunConfig(paradigm=d["paradigm"], model=from_dict(ModelConfig, d["model"]),
+                         method=from_dict(cls.Config, d["method"]), sample=from_dict(cls.SampleConfig, d["sample"]),
+                         data=from_dict(DataConfig, d["data"]), tokenizer=from_dict(TokenizerConfig, d["tokenizer"]),
+                         train=from_dict(TrainConfig, d["train"]))
+    except (KeyError, TypeError) as e:
+        raise IsynthError(f"config.json is incomplete or malformed ({e})") from None
+
+
+def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | None = None
+                 ) -> tuple[Paradigm, ImageDataset, dict]:
+    """The run's model (EMA weights by default) in eval mode, its dataset and checkpoint metadata."""
+    run_dir = Path(run_dir)
+    run = run_from_dict(read_config_dict(run_dir))
+    ckpt = run_dir / CHECKPOINT
+    if not ckpt.is_file():
+        raise IsynthError(f"{run_dir} has no checkpoint yet; run `isynth train` first")
+    dataset = load_dataset(run.data)
+    model = build_paradigm(run, build_tokenizer(run.tokenizer, dataset.image_shape), dataset.num_classes)
+    weights, ema, _, meta = load_checkpoint(ckpt)
+    load_weights(model, ema if use_ema else weights, ckpt)
+    return model.to(device or default_device()).eval(), dataset, meta
+
+
+def cycling_labels(num: int, num_classes: int) -> np.ndarray:
+    """0, 1, ..., K-1, 0, 1, ... : every class equally often (balanced labels, as FID protocols need)."""
+    return np.arange(num, dtype=np.int64) % num_classes
+
+
+def generate(model: Paradigm, labels: np.ndarray, sampling=None, seed: int = 0) -> tuple[np.ndarray, float]:
+    """Images (uint8 NHWC) for `labels`, in batches of sampling.batch_size; returns (images, seconds)."""
+    s = model.sampling_or_default(sampling)
+    dev = model.device
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(labels), s.batch_size):
+        lab = torch.from_numpy(labels[i:i + s.batch_size]).to(dev)
+        tokens = model.sample(lab, s, generator=gen)
+        out.append(model.tokenizer.decode(tokens.cpu()).numpy())
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return np.concatenate(out), time.perf_counter() - t0

@@ -1,0 +1,215 @@
+"""The one training loop: AdamW, warm-up + cosine, grad clipping, EMA, a step or FLOPs budget, DDP.
+
+Resumption is exact: all randomness of step s (batch choice, label dropout, orders, dropout masks) is
+drawn from seeds derived from (seed, step, rank), and the checkpoint holds weights, EMA and optimizer
+state, so a run killed at any point and restarted reaches the same weights as an uninterrupted one (CPU).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from isynth.checkpoint import CHECKPOINT, LOG, atomic_write_text, load_checkpoint, load_weights, prepare_run_dir, save_checkpoint
+from isynth.config import RunConfig, TrainConfig
+from isynth.data import ImageDataset, load_dataset
+from isynth.errors import IsynthError
+from isynth.hardware import default_device, init_distributed, peak_flops
+from isynth.paradigms import build_paradigm
+from isynth.paradigms.base import Paradigm
+from isynth.tokenizers import build_tokenizer
+
+
+def total_steps_for(train: TrainConfig, flops_per_sample: int) -> int:
+    if train.max_steps is not None:
+        return train.max_steps
+    per_step = flops_per_sample * train.batch_size
+    steps = int(train.train_flops // per_step)
+    if steps < 1:
+        raise IsynthError(f"train.train_flops={train.train_flops:.3g} is less than one step "
+                          f"({per_step:.3g} FLOPs at batch {train.batch_size})")
+    return steps
+
+
+def lr_at(step: int, total: int, train: TrainConfig) -> float:
+    """Linear warm-up then cosine decay to min_lr (RAR Table 6, MAR, DiT)."""
+    warmup = int(train.warmup_fraction * total)
+    if step < warmup:
+        return train.lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    # The (1 + s) / (10 + s) warm-up keeps early EMA weights from being dominated by the random init.
+    return min(decay, (1 + step) / (10 + step))
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2**63)
+
+
+class BatchOrder:
+    """Epoch-wise seeded permutations of the training set; batch s is a pure function of (seed, s)."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch, self.seed = n, batch, seed
+        self._epoch, self._perm = -1, None
+
+    def _perm_of(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def indices(self, step: int) -> np.ndarray:
+        pos = np.arange(step * self.batch, (step + 1) * self.batch)
+        out = np.empty(self.batch, dtype=np.int64)
+        for epoch in np.unique(pos // self.n):
+            sel = pos // self.n == epoch
+            out[sel] = self._perm_of(int(epoch))[pos[sel] % self.n]
+        return out
+
+
+@dataclass
+class Setup:
+    """Everything built from a config before anything is written to disk."""
+
+    run: RunConfig
+    dataset: ImageDataset
+    model: Paradigm
+    total_steps: int
+    flops_per_sample: int
+
+
+def build(run: RunConfig, device: torch.device | None = None) -> Setup:
+    dataset = load_dataset(run.data)
+    tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape)
+    model = build_paradigm(run, tokenizer, dataset.num_classes).to(device or default_device())
+    fps = model.train_flops_per_sample()
+    return Setup(run, dataset, model, total_steps_for(run.train, fps), fps)
+
+
+def _ema_copy(model: Paradigm) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
+    """Train `run` into directory `out`, resuming from its checkpoint if there is one."""
+    rank, world = init_distributed()
+    device = default_device()
+    torch.manual_seed(run.train.seed)  # identical initial weights on every rank and every attempt
+    s = build(run, device)
+    model, cfg, total = s.model, run.train, s.total_steps
+    if cfg.batch_size % world:
+        raise IsynthError(f"train.batch_size={cfg.batch_size} is not divisible by {world} processes")
+    out = Path(out)
+    resuming = prepare_run_dir(out, run) if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    ema = _ema_copy(model)
+    start_step, flops_done, elapsed = 0, 0.0, 0.0
+    ckpt = out / CHECKPOINT
+    if ckpt.exists():
+        weights, ema_w, opt_state, meta = load_checkpoint(ckpt)
+        load_weights(model, weights, ckpt)
+        ema = {k: v.to(device) for k, v in ema_w.items()}
+        opt.load_state_dict(opt_state)
+        start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]
+        if rank == 0:
+            _truncate_log(out / LOG, start_step)
+    if start_step >= total:
+        if rank == 0 and progress:
+            print(f"{out}: already trained for {total} steps")
+        return out
+
+    ddp = DistributedDataParallel(model) if world > 1 else model
+    peak, peak_how = peak_flops(device)
+    tokens_all = model.tokenizer.encode(torch.from_numpy(s.dataset.train_images)).to(device)  # (N, T)
+    labels_all = torch.from_numpy(s.dataset.train_labels).to(device)
+    order = BatchOrder(len(labels_all), cfg.batch_size, cfg.seed)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    model_params = [p for p in model.state_dict().values() if p.is_floating_point()]
+    ema_params = [ema[k] for k, p in model.state_dict().items() if p.is_floating_point()]
+
+    bar = tqdm(total=total, initial=start_step, disable=(rank != 0 or not progress) or None, desc=run.paradigm,
+               dynamic_ncols=True, leave=False)
+    window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
+    log_lines = []
+    model.train()
+    for step in range(start_step, total):
+        model.set_progress(step, total)
+        torch.manual_seed(step_seed(cfg.seed, step, rank))
+        idx = torch.from_numpy(order.indices(step)[rank::world]).to(device)
+        lr = lr_at(step, total, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with amp:
+            loss = ddp(tokens_all[idx], labels_all[idx])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay_at(step, cfg.ema_decay))
+        flops_done += s.flops_per_sample * cfg.batch_size
+        window_loss += loss.detach()
+        window_n += 1
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t_window
+            elapsed += dt
+            sps = window_n * cfg.batch_size / dt
+            rec = {"step": done, "loss": round(window_loss.item() / window_n, 5), "lr": lr,
+                   "train_flops": flops_done, "samples_per_s": round(sps, 2),
+                   "mfu": round(sps * s.flops_per_sample / (peak * world), 4), "elapsed_s": round(elapsed, 2)}
+            log_lines.append(json.dumps(rec))
+            bar.set_postfix(loss=rec["loss"], mfu=rec["mfu"])
+            window_loss.zero_()
+            window_n, t_window = 0, time.perf_counter()
+        if done % cfg.ckpt_every == 0 or done == total:
+            t_ckpt = time.perf_counter()
+            if rank == 0:
+                _append_log(out / LOG, log_lines)
+                meta = {"step": done, "total_steps": total, "train_flops": flops_done, "elapsed_s": elapsed,
+                        "flops_per_sample": s.flops_per_sample, "peak_flops": peak, "peak_source": peak_how,
+                        "world_size": world, "device": str(device)}
+                save_checkpoint(out / CHECKPOINT, model.state_dict(), ema, opt.state_dict(), meta)
+            log_lines = []
+            if world > 1:
+                dist.barrier()
+            t_window += time.perf_counter() - t_ckpt  # checkpoint time is not training throughput
+    bar.close()
+    return out
+
+
+def _append_log(path: Path, lines: list[str]) -> None:
+    if lines:
+        with open(path, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint we resume from (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
