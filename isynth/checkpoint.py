@@ -59,6 +59,7 @@ def prepare_run_dir(out: Path, run: RunConfig) -> bool:
         if changes:
             raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "
                               "use a new --out directory")
+        remove_stale_temps(out)
         return True
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise IsynthError(f"{out} exists and is not an isynth run directory; use a new --out directory")
@@ -75,6 +76,13 @@ def prepare_run_dir(out: Path, run: RunConfig) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return False
+
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Delete the temporary files of writes that a killed run never finished (only the run's own files)."""
+    for name in (CONFIG, CHECKPOINT, LOG):
+        for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def read_config_dict(run_dir: Path) -> dict:

@@ -157,17 +157,32 @@ def compare(out, paradigms, preset, train_flops, quiet, overrides):
     run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet)
 
 
+# click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _error(message: object) -> None:
+    """The one stderr line of a failed command (embedded newlines, e.g. from a file's bytes, folded)."""
+    click.echo(f"isynth: error: {' '.join(str(message).split())}", err=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cli.main(args=argv, prog_name="isynth", standalone_mode=False)
+    except _NO_ARGS_IS_HELP as e:  # bare `isynth`: the help, as with --help
+        click.echo(e.ctx.get_help())
+        return 0
     except IsynthError as e:
-        click.echo(f"isynth: error: {e}", err=True)
+        _error(e)
+        return 2
+    except OSError as e:  # an unusable path given by the user (a file where a directory must be, no permission)
+        _error(e)
         return 2
     except click.exceptions.Abort:
         click.echo("isynth: interrupted", err=True)
         return 130
     except click.ClickException as e:
-        click.echo(f"isynth: error: {e.format_message()}", err=True)
+        _error(e.format_message())
         return e.exit_code
     except KeyboardInterrupt:
         click.echo("isynth: interrupted", err=True)

@@ -5,17 +5,19 @@ protocol at laptop scale). Re-running resumes finished and unfinished runs alike
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
 import click
+import torch
 
 from isynth.checkpoint import atomic_write_text
 from isynth.errors import IsynthError
 from isynth.eval.run_eval import evaluate_run
 from isynth.paradigms import PARADIGMS
 from isynth.presets import make_run
-from isynth.trainer import train
+from isynth.trainer import build, train
 
 # Training FLOPs per paradigm in the default main job: ~2 minutes of the `cpu` preset on 2 cores.
 DEFAULT_TRAIN_FLOPS = 1.0e13
@@ -63,10 +65,13 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
     if unknown:
         raise IsynthError(f"unknown paradigm {unknown[0]!r}; choose from {', '.join(PARADIGMS)}")
     budget = DEFAULT_TRAIN_FLOPS if train_flops is None else train_flops
-    if budget <= 0:
-        raise IsynthError(f"--flops must be > 0, got {budget}")
+    if not (budget > 0 and math.isfinite(budget)):
+        raise IsynthError(f"--flops must be a finite number > 0, got {budget}")
     budget_args = [f"train.train_flops={budget}", "train.max_steps=none"]
     runs = {n: make_run(n, preset, [*overrides, *budget_args]) for n in names}  # validate all before any work
+    for run in runs.values():  # data and budget too (e.g. less than one step), before --out is created
+        with torch.device("meta"):  # shapes only, no memory
+            build(run, torch.device("meta"))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows, t_start = [], time.perf_counter()

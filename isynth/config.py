@@ -87,14 +87,15 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.batch_size > 0, "train.batch_size must be > 0")
-        check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+        check(0 < self.lr < float("inf") and 0 <= self.min_lr <= self.lr, "train.lr must be > 0 and 0 <= train.min_lr <= lr")
         check(0 <= self.warmup_fraction < 1, "train.warmup_fraction must be in [0, 1)")
         check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
         check(self.grad_clip > 0, "train.grad_clip must be > 0")
         check((self.max_steps is None) != (self.train_flops is None),
               "set exactly one training budget: train.max_steps or train.train_flops")
         check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
-        check(self.train_flops is None or self.train_flops > 0, f"train.train_flops must be > 0, got {self.train_flops}")
+        check(self.train_flops is None or 0 < self.train_flops < float("inf"),
+              f"train.train_flops must be a finite number > 0, got {self.train_flops}")
         check(self.log_every > 0 and self.ckpt_every > 0, "train.log_every and train.ckpt_every must be > 0")
         check(self.eval_num_samples > 0, "train.eval_num_samples must be > 0")
 

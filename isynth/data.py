@@ -7,6 +7,7 @@ tokenizer inverts exactly. `npz` reads user data: `arr_0` uint8 [N, H, W, C] and
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +37,9 @@ def validate_images(images: np.ndarray, labels: np.ndarray, source: str) -> None
     """Raise IsynthError naming the first problem with an (images, labels) pair."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise IsynthError(f"{source}: images must be uint8, got {getattr(images, 'dtype', type(images))}")
-    if images.ndim != 4 or images.shape[-1] not in (1, 3):
-        raise IsynthError(f"{source}: images must have shape [N, H, W, C] with C in (1, 3), got {list(images.shape)}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < 1:
+        raise IsynthError(f"{source}: images must have shape [N, H, W, C] with H, W >= 1 and C in (1, 3), "
+                          f"got {list(images.shape)}")
     if images.shape[0] < 2:
         raise IsynthError(f"{source}: need at least 2 images, got {images.shape[0]}")
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
@@ -46,6 +48,8 @@ def validate_images(images: np.ndarray, labels: np.ndarray, source: str) -> None
         raise IsynthError(f"{source}: labels must have shape [{images.shape[0]}], got {list(labels.shape)}")
     if labels.min() < 0:
         raise IsynthError(f"{source}: labels must be >= 0, found {int(labels.min())}")
+    if labels.max() > np.iinfo(np.int64).max:  # uint64 beyond int64 would wrap to negative labels
+        raise IsynthError(f"{source}: labels must fit in int64, found {int(labels.max())}")
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
@@ -76,8 +80,12 @@ def read_npz(path: str | Path, what: str = "dataset") -> tuple[np.ndarray, np.nd
                 images, labels = f["arr_0"], f["labels"]
     except IsynthError:
         raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise IsynthError(f"{p}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as e:
+        # zlib.error: damaged np.savez_compressed data; NotImplementedError: unknown zip compression.
+        # numpy's pickle message advises loading unsafely; for a data file that is never the answer.
+        why = "unknown format or pickled objects, which isynth never loads" if "pickle" in str(e) else \
+            f"{type(e).__name__}: {e}"
+        raise IsynthError(f"{p}: not a readable .npz file ({why})") from None
     validate_images(images, labels, str(p))
     return images, labels.astype(np.int64)
 
@@ -97,6 +105,10 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     else:  # DataConfig validates the name; kept for direct callers
         raise IsynthError(f"unknown dataset {cfg.name!r}")
     n = images.shape[0]
+    num_classes = int(labels.max()) + 1
+    if num_classes > n:  # labels are class indices 0..K-1; a stray huge label would size a huge class table
+        raise IsynthError(f"{cfg.path or cfg.name}: labels go up to {num_classes - 1}, i.e. {num_classes} classes "
+                          f"for {n} images; labels must be class indices 0..K-1 with K <= the number of images")
     n_eval = max(1, int(round(n * cfg.eval_fraction)))
     if n_eval >= n:
         raise IsynthError(f"data.eval_fraction={cfg.eval_fraction} leaves no training images out of {n}")
@@ -108,5 +120,5 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         train_labels=labels[tr],
         eval_images=images[ev],
         eval_labels=labels[ev],
-        num_classes=int(labels.max()) + 1,
+        num_classes=num_classes,
     )

@@ -98,6 +98,34 @@ def build(run: RunConfig, device: torch.device | None = None) -> Setup:
     return Setup(run, dataset, model, total_steps_for(run.train, fps), fps)
 
 
+def build_optimizer(model: Paradigm, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW without weight decay on biases, norms and embeddings (GPT-2 / MAR practice)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: float, amp) -> torch.Tensor:
+    """One optimizer step (forward under `amp`, backward, clipping, AdamW); returns the detached loss."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    with amp:
+        loss = ddp(tokens, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA (SPEC 5); fp32 on CPU, where bf16 matmuls are ~100x slower here."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
 def _ema_copy(model: Paradigm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -116,12 +144,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     if world > 1:
         dist.barrier()
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+    opt = build_optimizer(model, cfg, device)
     ema = _ema_copy(model)
     start_step, flops_done, elapsed = 0, 0.0, 0.0
     ckpt = out / CHECKPOINT
@@ -131,8 +154,8 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         ema = {k: v.to(device) for k, v in ema_w.items()}
         opt.load_state_dict(opt_state)
         start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]
-        if rank == 0:
-            _truncate_log(out / LOG, start_step)
+    if rank == 0:  # also without a checkpoint: a kill during the first one leaves log lines to drop
+        _truncate_log(out / LOG, start_step)
     if start_step >= total:
         if rank == 0 and progress:
             print(f"{out}: already trained for {total} steps")
@@ -143,7 +166,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     tokens_all = model.tokenizer.encode(torch.from_numpy(s.dataset.train_images)).to(device)  # (N, T)
     labels_all = torch.from_numpy(s.dataset.train_labels).to(device)
     order = BatchOrder(len(labels_all), cfg.batch_size, cfg.seed)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    amp = autocast_for(device)
     model_params = [p for p in model.state_dict().values() if p.is_floating_point()]
     ema_params = [ema[k] for k, p in model.state_dict().items() if p.is_floating_point()]
 
@@ -157,14 +180,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         idx = torch.from_numpy(order.indices(step)[rank::world]).to(device)
         lr = lr_at(step, total, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        with amp:
-            loss = ddp(tokens_all[idx], labels_all[idx])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = train_step(ddp, model, opt, tokens_all[idx], labels_all[idx], lr, cfg.grad_clip, amp)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay_at(step, cfg.ema_decay))
         flops_done += s.flops_per_sample * cfg.batch_size
@@ -208,8 +224,19 @@ def _append_log(path: Path, lines: list[str]) -> None:
 
 
 def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint we resume from (they will be written again)."""
+    """Drop log lines past the checkpoint we resume from (they will be written again), and a line torn by
+    a kill in the middle of an append."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+    text = path.read_text()
+    keep = []
+    for ln in text.splitlines():
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
+            keep.append(ln)
+    new = "".join(ln + "\n" for ln in keep)
+    if new != text:
+        atomic_write_text(path, new)

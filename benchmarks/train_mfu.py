@@ -1,0 +1,95 @@
+"""Training MFU and sampling throughput of a preset, with the trainer's own optimizer step.
+
+    python benchmarks/train_mfu.py                                  # main-job preset on digits-sized data
+    python benchmarks/train_mfu.py --paradigm rar --preset rar-b --seq-len 256 --vocab-size 1024 \
+        --num-classes 1000 --batch 64 --sample-batch 128            # RAR-B on a GPU (bf16 autocast)
+
+MFU = analytic training FLOPs per sample x samples/s / peak (measured fp32 matmul on CPU, datasheet dense
+bf16 on known GPUs). Tokens are random: throughput does not depend on the data.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from isynth.data import load_dataset
+from isynth.hardware import default_device, peak_flops
+from isynth.paradigms import build_paradigm
+from isynth.presets import make_run
+from isynth.tokenizers import ShapeOnly, build_tokenizer
+from isynth.trainer import autocast_for, build_optimizer, train_step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--paradigm", default="ar")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--vocab-size", type=int, default=1024)
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--sample-batch", type=int, default=0, help="also time sampling at this batch (KV cache + CFG)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+
+    device = default_device()
+    run = make_run(args.paradigm, args.preset, args.overrides)
+    if args.seq_len:
+        tokenizer, classes = ShapeOnly(args.seq_len, args.vocab_size), args.num_classes
+    else:
+        ds = load_dataset(run.data)
+        tokenizer, classes = build_tokenizer(run.tokenizer, ds.image_shape), ds.num_classes
+    torch.manual_seed(0)
+    model = build_paradigm(run, tokenizer, classes).to(device).train()
+    model.set_progress(0, 1)
+    batch = args.batch or run.train.batch_size
+    opt = build_optimizer(model, run.train, device)
+    amp = autocast_for(device)
+    tokens = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.seq_len), device=device)
+    labels = torch.randint(0, classes, (batch,), device=device)
+    for _ in range(args.warmup):
+        train_step(model, model, opt, tokens, labels, run.train.lr, run.train.grad_clip, amp)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        train_step(model, model, opt, tokens, labels, run.train.lr, run.train.grad_clip, amp)
+    sync(device)
+    seconds = time.perf_counter() - t0
+    peak, how = peak_flops(device)
+    fps = model.train_flops_per_sample()
+    achieved = fps * batch * args.steps / seconds
+    out = {"paradigm": args.paradigm, "preset": args.preset, "params": model.num_params(), "seq_len": tokenizer.seq_len,
+           "batch": batch, "steps_per_s": round(args.steps / seconds, 3), "samples_per_s": round(batch * args.steps / seconds, 1),
+           "train_flops_per_sample": fps, "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": how,
+           "mfu": round(achieved / peak, 4), "device": str(device),
+           "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    if args.sample_batch:
+        model.eval()
+        s = dataclasses.replace(run.sample, kv_cache=True, cfg_scale=max(run.sample.cfg_scale, 1.5))
+        lab = torch.arange(args.sample_batch, device=device) % classes
+        with amp:
+            model.sample(lab[:2], s)  # warm-up
+            sync(device)
+            t0 = time.perf_counter()
+            model.sample(lab, s, torch.Generator(device=device).manual_seed(0))
+            sync(device)
+        dt = time.perf_counter() - t0
+        out.update(sample_batch=args.sample_batch, sample_images_per_s=round(args.sample_batch / dt, 2),
+                   sampling=dataclasses.asdict(s), sample_flops_per_image=model.sample_flops(s))
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,598 @@
+"""The `isynth` command line, run as a real subprocess so exit codes and stderr are what a user sees.
+
+Project rule for bad input: ONE line on stderr starting with `isynth: error:` that names the problem,
+exit status 2, no Python traceback, and no half-written run directory or checkpoint.
+
+Most of the time of a failing command is Python and torch start-up, so the error cases are launched
+together (a few processes at a time) by one module fixture and checked one test per case.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+TIMEOUT_S = 300
+WORKERS = (os.cpu_count() or 2) + 1  # start-up is partly I/O: one more process than cores keeps them busy
+ENV: dict[str, str] = {}  # the subprocesses' environment, set before any test or fixture runs
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """One feature-net cache for the whole session (shared with test_readme.py), never ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "isynth-cache"
+    path.mkdir(exist_ok=True)
+    ENV.update(os.environ, ISYNTH_CACHE=str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("ISYNTH_CACHE", str(cache_dir))  # in-process code too, should a test call it
+
+
+def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    assert ENV.get("ISYNTH_CACHE"), "the cache_dir fixture sets the environment"
+    return subprocess.run([sys.executable, "-m", "isynth", *map(str, args)], cwd=cwd, env=ENV,
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+
+
+def run_many(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return list(pool.map(lambda args: run_cli(*args), commands))
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+    return result
+
+
+def assert_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit 2, exactly one non-empty stderr line `isynth: error: ...` containing every fragment."""
+    lines = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    assert result.returncode == 2, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    assert len(lines) == 1, f"want one stderr line, got {len(lines)}:\n{result.stderr}"
+    line = lines[0]
+    assert line.startswith("isynth: error: ") and line.strip() != "isynth: error:", line
+    for frag in fragments:
+        assert frag.lower() in line.lower(), f"{frag!r} not in {line!r}"
+    return line
+
+
+def snapshot(path: Path) -> dict[str, str]:
+    """Every entry under `path` (hidden temporary files included) with a content hash; {} if absent."""
+    if not path.exists():
+        return {}
+    if path.is_file():
+        return {".": hashlib.sha256(path.read_bytes()).hexdigest()}
+    out = {}
+    for p in sorted(path.rglob("*")):
+        rel = str(p.relative_to(path))
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "<dir>"
+    return out
+
+
+def _savez(path: Path, **arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append .npz to odd names
+        np.savez(f, **arrays)
+
+
+def write_npz(path: Path, images, labels=None) -> Path:
+    _savez(path, arr_0=images, **({} if labels is None else {"labels": labels}))
+    return path
+
+
+def good_arrays(n: int = 40, h: int = 8, w: int = 8, c: int = 1, classes: int = 4):
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, (n, h, w, c), dtype=np.uint8), np.arange(n, dtype=np.int64) % classes
+
+
+TRAIN_TINY = ("--preset", "tiny", "--steps", "2", "--quiet")
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+# --- shared runs (module scope: each trains once) ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """`a`: a tiny `ar` run on digits (2 steps). `b`: the same command with model.width=64 and 1 step,
+    whose checkpoint is then replaced by a's, i.e. a checkpoint from another config. Trained in parallel."""
+    work = tmp_path_factory.mktemp("cli-runs")
+    a, b = work / "run-a", work / "run-b"
+    for result in run_many([("train", "ar", "--dataset", "digits", "--out", a, *TRAIN_TINY),
+                            ("train", "ar", "--dataset", "digits", "--out", b, "--preset", "tiny", "--steps", "1",
+                             "--quiet", "model.width=64")]):
+        ok(result)
+    shutil.copyfile(a / "checkpoint.safetensors", b / "checkpoint.safetensors")
+    return {"a": a, "b": b}
+
+
+@pytest.fixture(scope="module")
+def run_a(runs) -> Path:
+    return runs["a"]
+
+
+# --- bad input: the cases ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """A command that must fail cleanly; `watch`ed paths must be exactly as before (or still absent)."""
+
+    args: list
+    fragments: tuple[str, ...] = ()
+    watch: list[Path] = field(default_factory=list)
+    cwd: Path | None = None
+
+
+CASES: dict[str, Callable[[Path, dict[str, Path]], Case]] = {}  # name -> builder(case_dir, runs)
+
+
+def case(name: str):
+    def register(builder):
+        CASES[name] = builder
+        return builder
+    return register
+
+
+def _train(d: Path, data, *fragments, extra=()) -> Case:
+    return Case(["train", "ar", "--dataset", data, "--out", d / "run", *TRAIN_TINY, *extra], fragments, [d])
+
+
+# .npz datasets -------------------------------------------------------------------------------------
+
+def _npz_case(name: str, make: Callable[[Path], Path | None], *fragments: str):
+    @case(f"npz-{name}")
+    def build(d: Path, runs) -> Case:
+        f = d / "data.npz"
+        made = make(f)
+        return _train(d, made or f, *fragments)
+
+
+IMAGES, LABELS = good_arrays()
+
+
+def _damaged_compressed(f: Path) -> None:
+    with open(f, "wb") as fh:  # np.savez_compressed with damaged deflate data
+        np.savez_compressed(fh, arr_0=np.tile(IMAGES, (10, 1, 1, 1)), labels=np.tile(LABELS, 10))
+    data = bytearray(f.read_bytes())
+    for i in range(60, 110):
+        data[i] ^= 0x5A
+    f.write_bytes(bytes(data))
+
+
+def _truncated(f: Path) -> None:
+    write_npz(f, IMAGES, LABELS)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _with_label(value, dtype=np.int64):
+    def make(f: Path) -> None:
+        labels = LABELS.astype(dtype)
+        labels[5] = value
+        write_npz(f, IMAGES, labels)
+    return make
+
+
+def _npy_named_npz(f: Path) -> None:
+    with open(f, "wb") as fh:
+        np.save(fh, IMAGES)
+
+
+def _npy(f: Path) -> Path:
+    np.save(f.with_suffix(".npy"), IMAGES)
+    return f.with_suffix(".npy")
+
+
+_npz_case("missing", lambda f: f.with_name("nope.npz"), "not found", "nope.npz")
+_npz_case("random-bytes", lambda f: f.write_bytes(np.random.default_rng(1).bytes(4096)) and None,
+          "data.npz", "not a readable .npz")
+_npz_case("empty-file", lambda f: f.write_bytes(b"") and None, "data.npz", "not a readable .npz")
+_npz_case("truncated", _truncated, "data.npz", "not a readable .npz")
+_npz_case("corrupt-compressed", _damaged_compressed, "data.npz", "not a readable .npz")
+_npz_case("no-labels", lambda f: write_npz(f, IMAGES) and None, "missing", "labels")
+_npz_case("no-arr_0", lambda f: _savez(f, images=IMAGES, labels=LABELS), "missing", "arr_0")
+_npz_case("images-float32", lambda f: write_npz(f, IMAGES.astype(np.float32), LABELS) and None, "uint8", "float32")
+_npz_case("images-ndim3", lambda f: write_npz(f, IMAGES[..., 0], LABELS) and None, "shape", "[40, 8, 8]")
+_npz_case("images-2-channels", lambda f: write_npz(f, np.concatenate([IMAGES, IMAGES], -1), LABELS) and None,
+          "shape", "[40, 8, 8, 2]")
+_npz_case("images-zero-height", lambda f: write_npz(f, np.zeros((40, 0, 8, 1), np.uint8), LABELS) and None,
+          "shape", "[40, 0, 8, 1]")
+_npz_case("one-image", lambda f: write_npz(f, IMAGES[:1], LABELS[:1]) and None, "at least 2")
+_npz_case("labels-wrong-length", lambda f: write_npz(f, IMAGES, LABELS[:-3]) and None, "labels", "[40]", "[37]")
+_npz_case("labels-2d", lambda f: write_npz(f, IMAGES, LABELS[:, None]) and None, "labels", "[40, 1]")
+_npz_case("labels-float", lambda f: write_npz(f, IMAGES, LABELS.astype(np.float64)) and None, "labels", "integers")
+_npz_case("labels-negative", _with_label(-1), "labels", ">= 0", "-1")
+_npz_case("labels-uint64-overflow", _with_label(np.iinfo(np.uint64).max, np.uint64), "labels", "int64")
+_npz_case("labels-huge", _with_label(10**12), "labels", "classes")  # would size a 10^12-row class table
+_npz_case("object-array", lambda f: write_npz(f, np.array([IMAGES[0], None], dtype=object), LABELS[:2]) and None,
+          "data.npz")
+_npz_case("npy-content", _npy_named_npz, "data.npz", "not an .npz")
+_npz_case("npy-file", _npy, "data.npy", ".npz")
+
+
+# config, overrides, budgets ------------------------------------------------------------------------
+
+BAD_CONFIG = {
+    "unknown-paradigm": (["train", "nope", *TRAIN_TINY], ["unknown paradigm", "nope"]),
+    "unknown-preset": (["train", "ar", "--preset", "huge", "--steps", "2"], ["unknown preset", "huge"]),
+    "unknown-field": (["train", "ar", *TRAIN_TINY, "model.nope=1"], ["model.nope"]),
+    "unknown-section": (["train", "ar", *TRAIN_TINY, "nope.width=1"], ["nope"]),
+    "section-as-field": (["train", "ar", *TRAIN_TINY, "model=3"], ["model", "section"]),
+    "no-equals": (["train", "ar", *TRAIN_TINY, "model.width"], ["invalid override", "model.width"]),
+    "width-not-int": (["train", "ar", *TRAIN_TINY, "model.width=abc"], ["model.width", "abc", "integer"]),
+    "width-fraction": (["train", "ar", *TRAIN_TINY, "model.width=32.5"], ["model.width", "integer"]),
+    "lr-negative": (["train", "ar", *TRAIN_TINY, "train.lr=-1"], ["train.lr"]),
+    "lr-nan": (["train", "ar", *TRAIN_TINY, "train.lr=nan"], ["train.lr"]),
+    "heads-not-dividing": (["train", "ar", *TRAIN_TINY, "model.num_heads=3"], ["num_heads=3", "width=32"]),
+    "bad-bool": (["train", "ar", *TRAIN_TINY, "model.qk_norm=maybe"], ["model.qk_norm", "maybe"]),
+    "bad-choice": (["train", "ar", *TRAIN_TINY, "tokenizer.kind=jpeg"], ["tokenizer.kind", "jpeg"]),
+    "paradigm-override": (["train", "ar", *TRAIN_TINY, "paradigm=rar"], ["paradigm"]),
+    "steps-zero": (["train", "ar", "--preset", "tiny", "--steps", "0"], ["max_steps", "> 0"]),
+    "steps-negative": (["train", "ar", "--preset", "tiny", "--steps", "-3"], ["max_steps", "-3"]),
+    "steps-not-int": (["train", "ar", "--preset", "tiny", "--steps", "abc"], ["--steps", "abc"]),
+    "flops-zero": (["train", "ar", "--preset", "tiny", "--flops", "0"], ["train_flops", "> 0"]),
+    "flops-negative": (["train", "ar", "--preset", "tiny", "--flops", "-1e9"], ["train_flops"]),
+    "flops-below-one-step": (["train", "ar", "--preset", "tiny", "--flops", "1"], ["less than one step"]),
+    "flops-inf": (["train", "ar", "--preset", "tiny", "--flops", "inf"], ["train_flops", "inf"]),
+    "flops-override-inf": (["train", "ar", "--preset", "tiny", "train.train_flops=inf"], ["train_flops", "inf"]),
+    "flops-nan": (["train", "ar", "--preset", "tiny", "--flops", "nan"], ["train_flops"]),
+    "steps-and-flops": (["train", "ar", "--preset", "tiny", "--steps", "2", "--flops", "1e12"], ["--steps", "--flops"]),
+    "no-budget": (["train", "ar", "--preset", "tiny", "train.max_steps=none"], ["budget"]),
+    "unknown-dataset": (["train", "ar", "--preset", "tiny", "--steps", "2", "--dataset", "cifar"], ["cifar"]),
+    "unknown-option": (["train", "ar", *TRAIN_TINY, "--nope"], ["--nope"]),
+    "missing-paradigm": (["train", "--preset", "tiny"], ["paradigm"]),
+}
+
+for _name, (_args, _frags) in BAD_CONFIG.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        return Case([*args, "--out", d / "run"], tuple(frags), [d], cwd=d)
+    CASES[f"config-{_name}"] = _build
+
+
+@case("unknown-command")
+def _(d, runs):
+    return Case(["nope"], ("nope",), [d], cwd=d)
+
+
+@case("train-without-out")
+def _(d, runs):
+    return Case(["train", "ar", *TRAIN_TINY], ("--out",), [d], cwd=d)
+
+
+# run directories -----------------------------------------------------------------------------------
+
+@case("out-is-non-run-dir")
+def _(d, runs):
+    (d / "stuff").mkdir()
+    (d / "stuff" / "notes.txt").write_text("mine")
+    return Case(["train", "ar", "--out", d / "stuff", *TRAIN_TINY], ("not an isynth run directory",), [d])
+
+
+@case("out-is-a-file")
+def _(d, runs):
+    (d / "file").write_text("mine")
+    return Case(["train", "ar", "--out", d / "file", *TRAIN_TINY], ("not an isynth run directory",), [d])
+
+
+@case("out-under-a-file")
+def _(d, runs):
+    (d / "file").write_text("mine")
+    return Case(["train", "ar", "--out", d / "file" / "run", *TRAIN_TINY], ("file",), [d])
+
+
+@case("retrain-other-config")
+def _(d, runs):
+    return Case(["train", "ar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY, "model.width=64"],
+                ("different config", "model.width", "32", "64"), [runs["a"]])
+
+
+@case("retrain-other-paradigm")
+def _(d, runs):
+    return Case(["train", "rar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY],
+                ("different config", "paradigm"), [runs["a"]])
+
+
+# checkpoints and configs of runs -------------------------------------------------------------------
+
+@case("foreign-checkpoint-eval")
+def _(d, runs):
+    return Case(["eval", runs["b"], "--num-samples", "10"], ("checkpoint does not match",), [runs["b"]])
+
+
+@case("foreign-checkpoint-sample")
+def _(d, runs):
+    return Case(["sample", runs["b"], "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint does not match",),
+                [runs["b"], d])
+
+
+@case("foreign-checkpoint-resume")
+def _(d, runs):
+    return Case(["train", "ar", "--dataset", "digits", "--out", runs["b"], "--preset", "tiny", "--steps", "1",
+                 "--quiet", "model.width=64"], ("checkpoint does not match",), [runs["b"]])
+
+
+def _damaged_run(d: Path, runs, damage: str) -> Path:
+    run = copy_run(runs["a"], d / "run")
+    ckpt = run / "checkpoint.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(np.random.default_rng(0).bytes(len(data)) if damage == "random" else data[: len(data) // 2])
+    return run
+
+
+@case("corrupt-checkpoint-eval")
+def _(d, runs):
+    return Case(["eval", _damaged_run(d, runs, "random"), "--num-samples", "10"], ("checkpoint", "corrupt"), [d])
+
+
+@case("truncated-checkpoint-sample")
+def _(d, runs):
+    run = _damaged_run(d, runs, "truncated")
+    return Case(["sample", run, "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint", "corrupt"), [d])
+
+
+@case("corrupt-checkpoint-resume")
+def _(d, runs):
+    run = _damaged_run(d, runs, "random")
+    return Case(["train", "ar", "--dataset", "digits", "--out", run, *TRAIN_TINY], ("checkpoint", "corrupt"), [d])
+
+
+@case("config-json-not-json")
+def _(d, runs):
+    run = copy_run(runs["a"], d / "run")
+    (run / "config.json").write_text("{nope")
+    return Case(["eval", run, "--num-samples", "10"], ("config",), [d])
+
+
+@case("config-json-incomplete")
+def _(d, runs):
+    run = copy_run(runs["a"], d / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["model"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    return Case(["sample", run, "--num-samples", "10", "--out", d / "s.npz"], ("config",), [d])
+
+
+# sample and eval -----------------------------------------------------------------------------------
+
+@case("sample-no-checkpoint")
+def _(d, runs):
+    (d / "run").mkdir()
+    shutil.copyfile(runs["a"] / "config.json", d / "run" / "config.json")
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("no checkpoint",), [d])
+
+
+@case("sample-not-a-run")
+def _(d, runs):
+    (d / "run").mkdir()
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
+
+
+@case("sample-missing-dir")
+def _(d, runs):
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
+
+
+_SAMPLE_BAD = {
+    "num-samples-0": (["--num-samples", "0"], ["--num-samples", "0"]),
+    "num-samples-negative": (["--num-samples", "-5"], ["--num-samples", "-5"]),
+    "temperature-0": (["sample.temperature=0"], ["temperature"]),
+    "unknown-field": (["nope=1"], ["nope"]),
+    "cfg-negative": (["--cfg-scale", "-1"], ["cfg_scale"]),
+}
+for _name, (_args, _frags) in _SAMPLE_BAD.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        return Case(["sample", runs["a"], "--out", d / "s.npz", *args], tuple(frags), [d, runs["a"]])
+    CASES[f"sample-{_name}"] = _build
+
+
+@case("sample-out-not-npz")
+def _(d, runs):
+    return Case(["sample", runs["a"], "--out", d / "x.txt"], (".npz", "x.txt"), [d, runs["a"]])
+
+
+@case("eval-not-a-run")
+def _(d, runs):
+    return Case(["eval", d], ("not an isynth run directory",), [d])
+
+
+@case("eval-one-sample")
+def _(d, runs):
+    return Case(["eval", runs["a"], "--num-samples", "1"], ("--num-samples",), [runs["a"]])
+
+
+@case("eval-bad-sampling")
+def _(d, runs):
+    return Case(["eval", runs["a"], "--num-samples", "10", "sample.top_p=2"], ("top_p",), [runs["a"]])
+
+
+# flops and compare ---------------------------------------------------------------------------------
+
+@case("flops-unknown-paradigm")
+def _(d, runs):
+    return Case(["flops", "nope"], ("unknown paradigm",), [d], cwd=d)
+
+
+@case("flops-vocab-without-seq-len")
+def _(d, runs):
+    return Case(["flops", "ar", "--preset", "tiny", "--vocab-size", "1024"], ("--seq-len",), [d], cwd=d)
+
+
+@case("flops-seq-len-0")
+def _(d, runs):
+    return Case(["flops", "ar", "--preset", "tiny", "--seq-len", "0"], ("--seq-len",), [d], cwd=d)
+
+
+_COMPARE_BAD = {
+    "unknown-paradigm": (["--paradigms", "nope"], ["unknown paradigm", "nope"]),
+    "one-unknown-paradigm": (["--paradigms", "ar,nope"], ["nope"]),
+    "unknown-preset": (["--preset", "huge"], ["unknown preset"]),
+    "flops-zero": (["--flops", "0"], ["flops"]),
+    "flops-below-one-step": (["--flops", "1"], ["less than one step"]),
+    "bad-override": (["model.width=abc"], ["model.width"]),
+}
+for _name, (_args, _frags) in _COMPARE_BAD.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        defaults = [x for opt, val in (("--preset", "tiny"), ("--flops", "2e9")) if opt not in args for x in (opt, val)]
+        return Case(["compare", "--out", d / "cmp", "--quiet", *defaults, *args], tuple(frags), [d], cwd=d)
+    CASES[f"compare-{_name}"] = _build
+
+
+# --- bad input: running and checking ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def error_results(runs, tmp_path_factory):
+    """Build every case in its own directory, snapshot what it watches, run all, snapshot again."""
+    base = tmp_path_factory.mktemp("errors")
+    built = {}
+    for name, builder in CASES.items():
+        d = base / name
+        d.mkdir()
+        built[name] = builder(d, runs)
+    watched = {p for c in built.values() for p in c.watch}
+    before = {p: snapshot(p) for p in watched}
+    results = _run_cases(built)
+    after = {p: snapshot(p) for p in watched}
+    return {name: (c, results[name], before, after) for name, c in built.items()}
+
+
+def _run_cases(built: dict[str, Case]) -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(run_cli, *c.args, cwd=c.cwd) for name, c in built.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_cleanly(name, error_results):
+    c, result, before, after = error_results[name]
+    assert_error(result, *c.fragments)
+    for path in c.watch:
+        assert after[path] == before[path], f"{path} changed"
+
+
+# --- successes --------------------------------------------------------------------------------------
+
+def test_train_on_user_npz(tmp_path):
+    images, labels = good_arrays()
+    data = write_npz(tmp_path / "mine.npz", images, labels)
+    out = tmp_path / "run"
+    ok(run_cli("train", "ar", "--dataset", data, "--out", out, *TRAIN_TINY))
+    assert {p.name for p in out.iterdir()} == {"config.json", "checkpoint.safetensors", "log.jsonl"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"]["name"] == "npz" and cfg["data"]["path"] == str(data)
+    assert cfg["train"]["max_steps"] == 2 and cfg["model"]["width"] == 32
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2 and math.isfinite(log[-1]["loss"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.npz", "run"]  # no temporary directory left
+
+
+def test_train_into_empty_directory_and_rerun_is_a_noop(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    args = ("train", "ar", "--out", out, "--preset", "tiny", "--steps", "1", "--quiet")
+    ok(run_cli(*args))
+    assert (out / "checkpoint.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    before = snapshot(out)
+    ok(run_cli(*args))  # same config, already at its budget
+    assert snapshot(out) == before
+
+
+def test_sample_writes_npz_and_grid_and_kv_cache_is_exact(run_a, tmp_path):
+    common = ("sample", run_a, "--num-samples", "20", "--seed", "3", "--cfg-scale", "2")
+    kv, no_kv = run_many([(*common, "--out", tmp_path / "kv" / "s.npz"),  # a missing parent is created
+                          (*common, "--out", tmp_path / "nokv.npz", "--no-kv-cache")])
+    info, info2 = json.loads(ok(kv).stdout), json.loads(ok(no_kv).stdout)
+    assert info["num_samples"] == 20 and info["sampling"]["kv_cache"] is True
+    assert info["sampling"]["cfg_scale"] == 2.0 and info2["sampling"]["kv_cache"] is False
+    assert info2["sample_flops_per_image"] > info["sample_flops_per_image"]
+    with np.load(tmp_path / "kv" / "s.npz") as f:
+        assert sorted(f.files) == ["arr_0", "labels"]
+        images, labels = f["arr_0"], f["labels"]
+    assert images.dtype == np.uint8 and images.shape == (20, 8, 8, 1)
+    assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(20)]
+    assert (tmp_path / "kv" / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "nokv.png").is_file()
+    with np.load(tmp_path / "nokv.npz") as f:
+        np.testing.assert_array_equal(f["arr_0"], images)
+        np.testing.assert_array_equal(f["labels"], labels)
+
+
+METRIC_KEYS = ["class_accuracy", "fd_digits", "precision", "recall", "memorization_rate", "nll_bits_per_token",
+               "images_per_s", "sample_flops_per_image"]
+
+
+def test_eval_writes_metrics(run_a):
+    result = ok(run_cli("eval", run_a, "--num-samples", "20"))
+    printed = json.loads(result.stdout)
+    saved = json.loads((run_a / "metrics.json").read_text())
+    assert printed == saved
+    for key in METRIC_KEYS:
+        assert isinstance(saved[key], (int, float)) and math.isfinite(saved[key]), (key, saved.get(key))
+    assert 0 <= saved["class_accuracy"] <= 1 and 0 <= saved["memorization_rate"] <= 1
+    assert 0 <= saved["precision"] <= 1 and 0 <= saved["recall"] <= 1
+    assert saved["images_per_s"] > 0 and saved["sample_flops_per_image"] > 0
+    assert saved["step"] == 2 and saved["paradigm"] == "ar" and saved["num_samples"] == 20
+    assert (run_a / "samples.npz").is_file() and (run_a / "samples.png").is_file()
+
+
+def test_flops(tmp_path):
+    tiny, rar_b = run_many([("flops", "ar", "--preset", "tiny"),
+                            ("flops", "rar", "--preset", "rar-b", "--seq-len", "256", "--vocab-size", "1024",
+                             "--num-classes", "1000")])
+    info = json.loads(ok(tiny).stdout)
+    for key in ["params", "train_flops_per_sample", "sample_flops_per_image", "width", "depth", "seq_len"]:
+        assert isinstance(info[key], int) and info[key] > 0, key
+    assert (info["width"], info["depth"], info["seq_len"]) == (32, 2, 64)
+    info = json.loads(ok(rar_b).stdout)
+    assert abs(info["params"] - 261e6) / 261e6 < 0.02, info["params"]  # RAR-B: 261M (seed 001 Table 1)
+    assert (info["seq_len"], info["vocab_size"], info["width"], info["depth"]) == (256, 1024, 768, 24)
+
+
+def test_compare_tiny(tmp_path):
+    out = tmp_path / "cmp"
+    result = ok(run_cli("compare", "--out", out, "--preset", "tiny", "--flops", "2e9", "--quiet"))
+    summary = json.loads((out / "results.json").read_text())
+    names = [r["paradigm"] for r in summary["rows"]]
+    assert names == ["ar", "rar"]
+    assert summary["train_flops_budget"] == 2e9
+    for row in summary["rows"]:
+        assert 0 < row["train_flops"] <= 2e9 and row["step"] >= 1
+        assert (out / row["paradigm"] / "samples.png").is_file()
+    md = (out / "results.md").read_text()
+    for name in names:
+        assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 1, md
+    assert "| ar |" in result.stdout
+
+
+# --- help -------------------------------------------------------------------------------------------
+
+def test_help():
+    commands = [[], ["train"], ["sample"], ["eval"], ["flops"], ["compare"]]
+    results = run_many([(*c, flag) for c in commands for flag in ("--help", "-h")])
+    for c, (long, short) in zip(commands, zip(results[::2], results[1::2])):
+        assert "Usage: isynth" in ok(long).stdout, c
+        assert ok(short).stdout == long.stdout
+
+
+def test_bare_command_shows_help():
+    result = ok(run_cli())  # like --help, not a multi-line "isynth: error: Usage: ..."
+    assert "Usage: isynth" in result.stdout and result.stderr == ""

@@ -1,0 +1,131 @@
+"""The contract every paradigm inherits (STYLE principle 9): subclass `ParadigmContract` per paradigm."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from isynth.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from isynth.flops import counting
+from isynth.presets import make_run
+from isynth.trainer import build
+
+
+class ParadigmContract:
+    paradigm: str = ""
+    overrides: tuple[str, ...] = ()
+    batch = 6
+    # Sampling settings whose FLOPs are checked against the counter (each a dict of SampleConfig fields).
+    sampling_variants: tuple[dict, ...] = ({},)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def setup(cls):
+        torch.manual_seed(0)
+        return build(make_run(cls.paradigm, "tiny", list(cls.overrides)), torch.device("cpu"))
+
+    def _batch(self, setup):
+        ds, model = setup.dataset, setup.model
+        tokens = model.tokenizer.encode(torch.from_numpy(ds.train_images[: self.batch]))
+        return tokens, torch.from_numpy(ds.train_labels[: self.batch])
+
+    def test_loss_is_finite_and_backpropagates(self, setup):
+        model = setup.model.train()
+        model.set_progress(0, 10)
+        model.zero_grad()
+        loss = model(*self._batch(setup))
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        loss.backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None, f"{name} gets no gradient"
+            assert torch.isfinite(p.grad).all(), name
+        assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+
+    def test_sample_shapes_and_ranges(self, setup):
+        model = setup.model.eval()
+        labels = torch.arange(4) % setup.dataset.num_classes
+        tokens = model.sample(labels, generator=torch.Generator().manual_seed(0))
+        assert tokens.shape[0] == 4 and tokens.shape[1] == model.seq_len
+        if model.tokenizer.discrete:
+            assert tokens.dtype == torch.long
+            assert 0 <= tokens.min() and tokens.max() < model.tokenizer.vocab_size
+        else:
+            assert torch.isfinite(tokens).all()
+        images = model.tokenizer.decode(tokens)
+        assert images.dtype == torch.uint8 and tuple(images.shape[1:]) == setup.dataset.image_shape
+
+    def test_save_load_round_trip(self, setup, tmp_path):
+        model = setup.model.eval()
+        path = tmp_path / "ck.safetensors"
+        opt = torch.optim.AdamW(model.parameters())
+        ema = {k: v.clone() for k, v in model.state_dict().items()}
+        save_checkpoint(path, model.state_dict(), ema, opt.state_dict(), {"step": 0})
+        torch.manual_seed(123)  # a differently initialised twin
+        twin = build(setup.run, torch.device("cpu")).model.eval()
+        weights, _, _, meta = load_checkpoint(path)
+        load_weights(twin, weights, path)
+        assert meta == {"step": 0}
+        labels = torch.arange(3)
+        a = model.sample(labels, generator=torch.Generator().manual_seed(5))
+        b = twin.sample(labels, generator=torch.Generator().manual_seed(5))
+        assert torch.equal(a, b)
+
+    def test_seed_reproducibility(self, setup):
+        model = setup.model.eval()
+        labels = torch.arange(5)
+        a = model.sample(labels, generator=torch.Generator().manual_seed(1))
+        b = model.sample(labels, generator=torch.Generator().manual_seed(1))
+        c = model.sample(labels, generator=torch.Generator().manual_seed(2))
+        assert torch.equal(a, b) and not torch.equal(a, c)
+        model.train()
+        torch.manual_seed(7)
+        l1 = model(*self._batch(setup))
+        torch.manual_seed(7)
+        l2 = model(*self._batch(setup))
+        assert torch.equal(l1, l2)
+
+    def test_train_flops_match_counter(self, setup):
+        model = setup.model.train()
+        model.set_progress(0, 10)
+        with counting() as fc:
+            model(*self._batch(setup)).backward()
+        counted = fc.get_total_flops() / self.batch
+        assert counted == pytest.approx(model.train_flops_per_sample(), rel=0.05)
+
+    def test_sample_flops_match_counter(self, setup):
+        model = setup.model.eval()
+        n = 3
+        for change in self.sampling_variants:
+            s = dataclasses.replace(model.run.sample, **change)
+            with counting() as fc:
+                model.sample(torch.arange(n), s, generator=torch.Generator().manual_seed(0))
+            assert fc.get_total_flops() / n == pytest.approx(model.sample_flops(s), rel=0.05), change
+            assert model.num_network_evals(s) >= 1
+
+
+AR_SAMPLING = ({"kv_cache": True, "cfg_scale": 1.0}, {"kv_cache": True, "cfg_scale": 3.0, "cfg_pow": 2.0},
+               {"kv_cache": False, "cfg_scale": 1.0}, {"kv_cache": False, "cfg_scale": 2.0})
+
+
+class TestAR(ParadigmContract):
+    paradigm = "ar"
+    sampling_variants = AR_SAMPLING
+
+
+class TestARAdaLN(ParadigmContract):
+    paradigm = "ar"
+    overrides = ("model.adaln=true", "model.qk_norm=true")
+    sampling_variants = AR_SAMPLING
+
+
+class TestRAR(ParadigmContract):
+    paradigm = "rar"
+    overrides = ("model.adaln=true", "model.qk_norm=true")
+    sampling_variants = AR_SAMPLING
+
+
+class TestRARWithoutTargetAware(ParadigmContract):
+    paradigm = "rar"
+    overrides = ("method.target_aware=false", "method.order=random")
+    sampling_variants = AR_SAMPLING[:2]

@@ -1,0 +1,89 @@
+"""RAR (seed 001): annealed random orders and target-aware positional embeddings."""
+import pytest
+import torch
+
+from isynth.errors import IsynthError
+from isynth.paradigms.rar import random_ratio
+from isynth.presets import make_run
+from isynth.trainer import build
+
+
+def _model(*overrides):
+    torch.manual_seed(0)
+    return build(make_run("rar", "tiny", list(overrides)), torch.device("cpu")).model
+
+
+def test_random_ratio_anneals_linearly_from_one_to_zero():
+    assert random_ratio(0, 100, 200) == 1.0
+    assert random_ratio(99, 100, 200) == 1.0
+    assert random_ratio(100, 100, 200) == 1.0
+    assert random_ratio(150, 100, 200) == pytest.approx(0.5)
+    assert random_ratio(200, 100, 200) == 0.0
+    assert random_ratio(10_000, 100, 200) == 0.0
+
+
+def test_default_anneal_window_is_half_to_three_quarters_of_training():
+    m = _model()
+    m.set_progress(0, 400)  # seed 001: epochs 200 -> 300 of 400
+    assert m.anneal_window() == (200, 300)
+    m2 = _model("method.anneal_start_step=10", "method.anneal_end_step=30")
+    m2.set_progress(0, 400)
+    assert m2.anneal_window() == (10, 30)
+    m2.set_progress(20, 400)
+    assert m2.current_ratio() == pytest.approx(0.5)
+
+
+def test_orders_are_permutations_and_endpoints_are_pure():
+    m = _model("method.order=random")
+    order = m.training_order(16, "cpu")
+    assert torch.equal(order.sort(1).values, torch.arange(m.seq_len).expand(16, -1))
+    assert not torch.equal(order, torch.arange(m.seq_len).expand(16, -1))
+    assert _model("method.order=raster").training_order(16, "cpu") is None
+    annealed = _model()
+    annealed.set_progress(399, 400)
+    assert annealed.training_order(4, "cpu") is None  # r = 0 after the anneal: raster
+
+
+def test_mixed_ratio_mixes_raster_and_random_rows():
+    m = _model("method.anneal_start_step=0", "method.anneal_end_step=100")
+    m.set_progress(50, 100)  # r = 0.5
+    torch.manual_seed(0)
+    order = m.training_order(400, "cpu")
+    raster = (order == torch.arange(m.seq_len)).all(1).float().mean()
+    assert 0.35 < raster < 0.65
+
+
+def _logits_at(m, order, step):
+    tokens = torch.randint(0, m.tokenizer.vocab_size, (1, m.seq_len), generator=torch.Generator().manual_seed(0))
+    return m.logits(tokens, torch.tensor([4]), order)[0, step]
+
+
+@pytest.mark.parametrize("step", [0, 5, 30])
+def test_target_aware_positions_fig3b(step):
+    """Seed 001 Fig. 3b: orders agreeing on the first `step` targets but not the next give identical logits
+    at that step without target-aware positions, and different ones with them."""
+    n = 64
+    o1 = torch.arange(n)
+    o2 = o1.clone()
+    o2[step], o2[step + 1] = o1[step + 1], o1[step]  # same first `step` targets, different next target
+    o1, o2 = o1[None], o2[None]
+    plain = _model("method.target_aware=false").eval()
+    torch.testing.assert_close(_logits_at(plain, o1, step), _logits_at(plain, o2, step))
+    aware = _model("method.target_aware=true").eval()
+    assert not torch.allclose(_logits_at(aware, o1, step), _logits_at(aware, o2, step))
+
+
+def test_training_loss_reads_tokens_in_the_permuted_order():
+    """With target-aware positions the loss of a permuted sequence is not the raster loss."""
+    m = _model("method.order=random").eval()
+    tokens = torch.randint(0, m.tokenizer.vocab_size, (2, m.seq_len))
+    labels = torch.tensor([1, 2])
+    order = torch.stack([torch.randperm(m.seq_len) for _ in range(2)])
+    logits = m.logits(tokens, labels, order)
+    assert logits.shape == (2, m.seq_len, m.tokenizer.vocab_size)
+    assert not torch.allclose(logits, m.logits(tokens, labels))
+
+
+def test_bad_anneal_window_is_rejected():
+    with pytest.raises(IsynthError, match="anneal_end_step"):
+        make_run("rar", "tiny", ["method.anneal_start_step=50", "method.anneal_end_step=10"])

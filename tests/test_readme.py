@@ -1,0 +1,161 @@
+"""The README's commands, run as written except for the budget (tiny preset, a few steps).
+
+If the README changes, these tests follow it: the commands are parsed from its fenced blocks, so a
+command that stops working (or a rewrite that no longer applies) fails here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+TIMEOUT_S = 300
+ENV: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cache_dir(tmp_path_factory) -> Path:
+    """The feature-net cache of this session (shared with test_cli.py), never ~/.cache."""
+    path = tmp_path_factory.getbasetemp() / "isynth-cache"
+    path.mkdir(exist_ok=True)
+    ENV.update(os.environ, ISYNTH_CACHE=str(path))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(cache_dir, monkeypatch):
+    monkeypatch.setenv("ISYNTH_CACHE", str(cache_dir))
+
+
+def section(title: str) -> str:
+    """The text of README section `## title` up to the next `## ` heading."""
+    match = re.search(rf"^## {re.escape(title)}\s*$(.*?)(?=^## |\Z)", README, flags=re.M | re.S)
+    assert match, f"README has no '## {title}' section"
+    return match.group(1)
+
+
+def fenced(text: str, lang: str) -> str:
+    blocks = re.findall(rf"^```{lang}\s*\n(.*?)^```", text, flags=re.M | re.S)
+    assert len(blocks) == 1, f"want one ```{lang} block, found {len(blocks)}"
+    return blocks[0]
+
+
+def commands(block: str) -> list[str]:
+    """Non-empty lines with trailing `# comments` removed."""
+    out = []
+    for line in block.splitlines():
+        line = re.sub(r"(^|\s)#.*$", "", line).strip()
+        if line:
+            out.append(line)
+    return out
+
+
+def isynth_executable() -> list[str]:
+    """The `isynth` console script the README tells users to run (it lives beside the venv's python)."""
+    script = Path(sys.executable).parent / "isynth"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "isynth"]
+
+
+def tiny(command: str) -> str:
+    """The README command at a tiny budget."""
+    words = shlex.split(command)
+    sub = words[1]
+    if sub == "train":
+        assert "--flops" in words, f"README's train command has no --flops budget to shrink: {command}"
+        command = re.sub(r"--flops\s+\S+", "--preset tiny --steps 4", command)
+    elif sub == "compare":
+        assert "--flops" not in words and "--preset" not in words, command
+        command += " --preset tiny --flops 2e9 --quiet"
+    elif sub == "eval" and "--num-samples" not in words:
+        command += " --num-samples 20"
+    return command
+
+
+# --- Quick start ------------------------------------------------------------------------------------
+
+def test_quick_start_is_two_make_commands():
+    assert commands(fenced(section("Quick start"), "bash")) == ["make compare", "make test"]
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("compare", "test", "setup"):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), f"Makefile has no '{target}' target"
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.strip().startswith("#")]
+    assert "make test" in ci
+
+
+# --- Command line -----------------------------------------------------------------------------------
+
+def test_command_line_block_runs_at_tiny_budget(tmp_path):
+    lines = [c for c in commands(fenced(section("Command line"), "bash")) if c.startswith("isynth ")]
+    assert [shlex.split(c)[1] for c in lines] == ["train", "sample", "eval", "flops", "compare"], lines
+    exe = isynth_executable()
+    outputs = []
+    for line in lines:
+        cmd = tiny(line)
+        result = subprocess.run([*exe, *shlex.split(cmd)[1:]], cwd=tmp_path, env=ENV, capture_output=True,
+                                text=True, timeout=TIMEOUT_S)
+        assert result.returncode == 0, f"{cmd}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
+        assert "Traceback" not in result.stderr, f"{cmd}\n{result.stderr}"
+        outputs.append(result.stdout)
+        if shlex.split(cmd)[1] == "train":  # "re-running resumes": a finished run is left as it is
+            ckpt = (tmp_path / "runs" / "rar" / "checkpoint.safetensors").read_bytes()
+            again = subprocess.run([*exe, *shlex.split(cmd)[1:]], cwd=tmp_path, env=ENV, capture_output=True,
+                                   text=True, timeout=TIMEOUT_S)
+            assert again.returncode == 0, again.stderr
+            assert (tmp_path / "runs" / "rar" / "checkpoint.safetensors").read_bytes() == ckpt
+
+    rar = tmp_path / "runs" / "rar"
+    assert json.loads((rar / "config.json").read_text())["train"]["max_steps"] == 4
+    with np.load(rar / "grid.npz") as f:  # isynth sample ... --out runs/rar/grid.npz
+        assert f["arr_0"].shape == (100, 8, 8, 1) and f["arr_0"].dtype == np.uint8
+        assert f["labels"].tolist() == [i % 10 for i in range(100)]
+    assert (rar / "grid.png").is_file()
+    sample_info = json.loads(outputs[1])
+    assert sample_info["sampling"]["kv_cache"] is False and sample_info["sampling"]["cfg_scale"] == 3.0
+    metrics = json.loads((rar / "metrics.json").read_text())  # "writes runs/rar/metrics.json"
+    assert metrics == json.loads(outputs[2])
+    for name in ("metrics.json", "samples.npz", "samples.png", "log.jsonl"):  # the run directory, as described
+        assert (rar / name).is_file(), name
+    flops = json.loads(outputs[3])
+    assert abs(flops["params"] - 261e6) / 261e6 < 0.02
+    compare = tmp_path / "runs" / "compare"
+    rows = json.loads((compare / "results.json").read_text())["rows"]
+    assert [r["paradigm"] for r in rows] == ["ar", "rar"]
+    assert (compare / "results.md").is_file()
+    for r in rows:
+        assert (compare / r["paradigm"] / "samples.png").is_file()
+
+
+def test_override_example_is_valid(tmp_path):
+    """The README's override example (`isynth train rar --out runs/x model.width=64 ...`) at one step."""
+    match = re.search(r"`(isynth train rar --out runs/x [^`]*)`", section("Command line"))
+    assert match, "the override example moved"
+    cmd = f"{match.group(1)} --preset tiny --steps 1 --quiet"
+    result = subprocess.run([*isynth_executable(), *shlex.split(cmd)[1:]], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    cfg = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
+    assert cfg["model"]["width"] == 64 and cfg["method"]["order"] == "random" and cfg["sample"]["cfg_scale"] == 3
+
+
+# --- Python API -------------------------------------------------------------------------------------
+
+def test_python_api_block(tmp_path):
+    code = fenced(section("Python API"), "python")
+    assert "train.max_steps=50" in code
+    code = code.replace("train.max_steps=50", "train.max_steps=3")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+    assert result.stdout.strip(), "the block prints FLOPs and the image shape"
+    assert "(20, 8, 8, 1)" in result.stdout
+    assert (tmp_path / "runs" / "api-demo" / "checkpoint.safetensors").is_file()
