@@ -4,6 +4,7 @@ protocol at laptop scale). Re-running resumes finished and unfinished runs alike
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -78,20 +79,24 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
     for name, run in runs.items():
         t0 = time.perf_counter()
         train(run, out / name, progress=progress)
-        t1 = time.perf_counter()
-        row = evaluate_run(out / name)
-        row.update(train_wall_s=t1 - t0, eval_wall_s=time.perf_counter() - t1,
-                   sampling_short=_short_sampling(row["sampling"]))
-        rows.append(row)
-        if progress:
-            click.echo(f"{name}: class acc {row['class_accuracy']:.3f}, FD-digits {row['fd_digits']:.2f}, "
-                       f"{row['train_wall_s'] + row['eval_wall_s']:.0f} s", err=True)
+        train_wall = time.perf_counter() - t0
+        # Without guidance first, then as configured (its samples and metrics.json stay in the run dir).
+        variants = [dataclasses.replace(run.sample, cfg_scale=1.0)] if run.sample.cfg_scale != 1.0 else []
+        for sampling in variants + [run.sample]:
+            t1 = time.perf_counter()
+            row = evaluate_run(out / name, sampling=sampling)
+            row.update(train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
+                       sampling_short=_short_sampling(row["sampling"]))
+            rows.append(row)
+            if progress:
+                click.echo(f"{name} (cfg {sampling.cfg_scale}): class acc {row['class_accuracy']:.3f}, "
+                           f"FD-digits {row['fd_digits']:.2f}", err=True)
     summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides,
                "wall_s": time.perf_counter() - t_start, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
     md = table(rows)
     atomic_write_text(out / "results.md", f"# isynth compare ({preset}, {budget:.2e} training FLOPs each)\n\n{md}\n\n"
-                      + "".join(f"![{r['paradigm']}]({r['paradigm']}/samples.png)\n" for r in rows))
+                      + "".join(f"![{n}]({n}/samples.png)\n" for n in runs))
     click.echo(md)
     click.echo(f"\nwall time {summary['wall_s']:.0f} s; table, samples and grids in {out}")
     return rows

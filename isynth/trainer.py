@@ -162,7 +162,10 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         return out
 
     ddp = DistributedDataParallel(model) if world > 1 else model
-    peak, peak_how = peak_flops(device)
+    peak_box = [peak_flops(device) if rank == 0 else None]
+    if world > 1:  # one measurement, not several processes competing for the same cores
+        dist.broadcast_object_list(peak_box, src=0)
+    peak, peak_how = peak_box[0]
     tokens_all = model.tokenizer.encode(torch.from_numpy(s.dataset.train_images)).to(device)  # (N, T)
     labels_all = torch.from_numpy(s.dataset.train_labels).to(device)
     order = BatchOrder(len(labels_all), cfg.batch_size, cfg.seed)
