@@ -402,3 +402,16 @@ def test_rerun_finished_is_noop_and_other_config_is_rejected(tmp_path, capsys):
         assert unchanged()
     rc, err = _cli(capsys, "train", "rar", "--preset", "tiny", "--steps", "4", "--out", out, "--quiet")
     assert rc == 2 and len(err.strip().splitlines()) == 1 and unchanged()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("paradigm,extra", [("ar", []), ("rar", ["method.order=random"])])
+def test_main_job_size_is_bitwise_reproducible_on_two_threads(tmp_path, cache, paradigm, extra):
+    """At the `cpu` preset's batch, gradients that accumulate through indexing are summed by several
+    threads in varying order; two identical runs must still give identical weights (exact resume needs it)."""
+    args = [sys.executable, "-m", "isynth", "train", paradigm, "--preset", "cpu", "--steps", "3", "--quiet",
+            "train.ckpt_every=3", *extra]
+    env = {**sub_env(cache), "OMP_NUM_THREADS": "2"}
+    for name in ("a", "b"):
+        subprocess.run([*args, "--out", str(tmp_path / name)], env=env, check=True, timeout=300)
+    assert_same_tensors(tmp_path / "a", tmp_path / "b")

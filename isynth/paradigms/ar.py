@@ -87,19 +87,25 @@ class AR(Paradigm):
         tokens, in generation order (T = T' + 1 when start == 0, else T'); cond: (B, C); order: (B, N)
         image position generated at each step, None for raster.
         """
-        b, dev = cond.shape[0], cond.device
         t = prev.shape[1] + (start == 0)
         parts = [cond[:, None] + self.pos_embed[:, :1]] if start == 0 else []  # (B, 1, C)
         if prev.shape[1] > 0:
-            j = torch.arange(max(start - 1, 0), max(start - 1, 0) + prev.shape[1], device=dev)  # steps of prev
-            where = j.expand(b, -1) if order is None else order[:, j]  # (B, T') image positions
-            parts.append(self.tok_embed(prev) + self.pos_embed[0, 1 + where])
+            j0 = max(start - 1, 0)  # generation step of prev[:, 0]
+            parts.append(self.tok_embed(prev) + self._positions(self.pos_embed, 1 + j0, prev.shape[1], order, 1))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, C)
-        if self.target_pos_embed is not None:
-            steps = torch.arange(start, start + t, device=dev)
-            target = steps.expand(b, -1) if order is None else order[:, steps]  # (B, T) position predicted next
-            x = x + self.target_pos_embed[0, target]
+        if self.target_pos_embed is not None:  # the position each step predicts: step s -> order[s]
+            x = x + self._positions(self.target_pos_embed, start, t, order, 0)
         return x
+
+    @staticmethod
+    def _positions(table: Tensor, first: int, count: int, order: Tensor | None, offset: int) -> Tensor:
+        """Rows of `table` (1, P, C) for generation steps first-offset ... : a slice in raster order, else
+        the rows offset + order[:, step]. F.embedding, not table[idx]: its CPU backward is deterministic,
+        whereas indexing accumulates gradients in a thread-dependent order (breaks exact resumption)."""
+        if order is None:
+            return table[:, first:first + count]  # (1, T, C), broadcast over the batch
+        steps = torch.arange(first - offset, first - offset + count, device=order.device)
+        return F.embedding(offset + order[:, steps], table[0])  # (B, T, C)
 
     def logits(self, tokens: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (B, N, V) for tokens (B, N) in raster layout, read in `order`."""
