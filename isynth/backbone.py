@@ -131,6 +131,16 @@ class Transformer(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
         return KVCache(self.cfg, batch, max_len, device, dtype)
 
+    def param_count(self) -> int:
+        """Analytic parameter count (weights + biases), checked against the modules in the tests."""
+        cfg = self.cfg
+        c, h, hd = cfg.width, cfg.mlp_hidden, cfg.width // cfg.num_heads
+        block = (3 * c * c + 3 * c) + (c * c + c) + (c * h + h) + (h * c + c)  # qkv, proj, fc1, fc2
+        block += (c * 6 * c + 6 * c) if cfg.adaln else 2 * 2 * c  # adaLN modulation, or the norms' affine
+        block += 2 * 2 * hd if cfg.qk_norm else 0
+        final = (c * 2 * c + 2 * c) if cfg.adaln else 2 * c
+        return cfg.depth * block + final
+
     def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False) -> int:
         """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.
 

@@ -38,6 +38,7 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
         "paradigm": paradigm,
         "preset": preset,
         "params": model.num_params(),
+        "backbone_params": model.net.param_count(),
         "width": run.model.width,
         "depth": run.model.depth,
         "num_heads": run.model.num_heads,

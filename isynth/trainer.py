@@ -99,13 +99,17 @@ def build(run: RunConfig, device: torch.device | None = None) -> Setup:
 
 
 def build_optimizer(model: Paradigm, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW without weight decay on biases, norms and embeddings (GPT-2 / MAR practice)."""
+    """AdamW without weight decay on biases, norms and embeddings (GPT-2 / MAR practice).
+
+    The fused kernel on every device: on CPU the unfused update's result depends on how its elementwise
+    loops are split across threads (vector body vs scalar tail round differently), which broke bitwise
+    resumption under load; the fused one is also faster."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "embed" in name else decay).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
 def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: float, amp) -> torch.Tensor:

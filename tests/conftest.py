@@ -2,6 +2,8 @@ import os
 import tempfile
 
 import pytest
+
+import isynth  # noqa: F401  (sets the MKL reproducibility variables before torch loads MKL)
 import torch
 
 # Keep the feature-net / peak-FLOPs cache out of the user's home during tests.

@@ -103,3 +103,17 @@ def test_ar_nll_matches_cross_entropy_of_logits(ar_model):
     labels = torch.tensor([1, 2, 3])
     logp = m.logits(tokens, labels).log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, N)
     torch.testing.assert_close(m.nll_bits_per_token(tokens, labels), -logp.mean(1) / math.log(2))
+
+
+@pytest.mark.parametrize("adaln,qk_norm", [(False, False), (True, True), (False, True)])
+def test_analytic_param_count(adaln, qk_norm):
+    net = Transformer(ModelConfig(width=48, depth=3, num_heads=4, mlp_ratio=3.0, adaln=adaln, qk_norm=qk_norm))
+    assert net.param_count() == sum(p.numel() for p in net.parameters())
+
+
+def test_ar_sampling_under_bf16_autocast(ar_model):
+    """The GPU path (bf16 autocast) exercised on CPU: the KV cache takes the autocast dtype."""
+    s = ar_model.run.sample.__class__(kv_cache=True, cfg_scale=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = ar_model.sample(torch.arange(3), s, torch.Generator().manual_seed(0))
+    assert tokens.shape == (3, ar_model.seq_len) and tokens.max() < ar_model.tokenizer.vocab_size

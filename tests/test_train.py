@@ -410,7 +410,7 @@ def test_main_job_size_is_bitwise_reproducible_on_two_threads(tmp_path, cache, p
     """At the `cpu` preset's batch, gradients that accumulate through indexing are summed by several
     threads in varying order; two identical runs must still give identical weights (exact resume needs it)."""
     args = [sys.executable, "-m", "isynth", "train", paradigm, "--preset", "cpu", "--steps", "3", "--quiet",
-            "train.ckpt_every=3", *extra]
+            "train.ckpt_every=3", "train.log_every=1", *extra]
     env = {**sub_env(cache), "OMP_NUM_THREADS": "2"}
     for name in ("a", "b"):
         subprocess.run([*args, "--out", str(tmp_path / name)], env=env, check=True, timeout=300)

@@ -139,7 +139,9 @@ class AR(Paradigm):
         cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
         c_ada = cond if self.run.model.adaln else None
         out = torch.empty(b, n, dtype=torch.long, device=labels.device)
-        cache = self.net.new_cache(rows.shape[0], n, labels.device, cond.dtype) if s.kv_cache else None
+        dev = labels.device.type  # under autocast (bf16 on GPU) keys and values arrive in the autocast dtype
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cond.dtype
+        cache = self.net.new_cache(rows.shape[0], n, labels.device, dtype) if s.kv_cache else None
         for i in range(n):
             prev = out[:, i - 1:i] if cache is not None else out[:, :i]  # newest input, or the whole prefix
             prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
