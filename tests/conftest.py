@@ -1,5 +1,6 @@
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,3 +14,9 @@ os.environ.setdefault("ISYNTH_CACHE", tempfile.mkdtemp(prefix="isynth-test-cache
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def shared_cache() -> Path:
+    """The session's ISYNTH_CACHE (set above): the feature net is trained once for every CLI test."""
+    return Path(os.environ["ISYNTH_CACHE"])

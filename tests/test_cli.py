@@ -31,21 +31,13 @@ ENV: dict[str, str] = {}  # the subprocesses' environment, set before any test o
 # --- helpers -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory) -> Path:
-    """One feature-net cache for the whole session (shared with test_readme.py), never ~/.cache."""
-    path = tmp_path_factory.getbasetemp() / "isynth-cache"
-    path.mkdir(exist_ok=True)
-    ENV.update(os.environ, ISYNTH_CACHE=str(path))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("ISYNTH_CACHE", str(cache_dir))  # in-process code too, should a test call it
+def _subprocess_env(shared_cache):
+    """Subprocesses share the session's feature-net cache (conftest), never ~/.cache."""
+    ENV.update(os.environ, ISYNTH_CACHE=str(shared_cache))
 
 
 def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    assert ENV.get("ISYNTH_CACHE"), "the cache_dir fixture sets the environment"
+    assert ENV.get("ISYNTH_CACHE"), "the _subprocess_env fixture sets the environment"
     return subprocess.run([sys.executable, "-m", "isynth", *map(str, args)], cwd=cwd, env=ENV,
                           capture_output=True, text=True, timeout=TIMEOUT_S)
 

@@ -23,17 +23,9 @@ ENV: dict[str, str] = {}
 
 
 @pytest.fixture(scope="session", autouse=True)
-def cache_dir(tmp_path_factory) -> Path:
-    """The feature-net cache of this session (shared with test_cli.py), never ~/.cache."""
-    path = tmp_path_factory.getbasetemp() / "isynth-cache"
-    path.mkdir(exist_ok=True)
-    ENV.update(os.environ, ISYNTH_CACHE=str(path))
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _isolated_cache(cache_dir, monkeypatch):
-    monkeypatch.setenv("ISYNTH_CACHE", str(cache_dir))
+def _subprocess_env(shared_cache):
+    """Subprocesses share the session's feature-net cache (conftest), never ~/.cache."""
+    ENV.update(os.environ, ISYNTH_CACHE=str(shared_cache))
 
 
 def section(title: str) -> str:
