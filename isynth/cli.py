@@ -39,16 +39,16 @@ def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
     return []
 
 
-def _sampling(model, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
+def _sampling(run, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
     """The run's sampling config with command-line changes applied (`sample.` prefix optional)."""
     items = [o if o.startswith("sample.") else f"sample.{o}" for o in overrides]
     parsed = {k.removeprefix("sample."): v for k, v in parse_overrides(items).items()}
-    s = with_overrides(model.run.sample, parsed, prefix="sample.")
+    s = with_overrides(run.sample, parsed, prefix="sample.")
     if cfg_scale is not None:
         s = dataclasses.replace(s, cfg_scale=cfg_scale)
     if kv_cache is not None:
         if not hasattr(s, "kv_cache"):
-            raise IsynthError(f"paradigm {model.run.paradigm!r} has no KV cache option")
+            raise IsynthError(f"paradigm {run.paradigm!r} has no KV cache option")
         s = dataclasses.replace(s, kv_cache=kv_cache)
     return s
 
@@ -97,7 +97,7 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrid
     if out.suffix != ".npz":
         raise IsynthError(f"--out must be an .npz file, got {out}")
     model, dataset, _ = load_trained(run_dir, use_ema=not no_ema)
-    s = _sampling(model, overrides, cfg_scale, kv_cache)
+    s = _sampling(model.run, overrides, cfg_scale, kv_cache)
     labels = cycling_labels(num_samples, dataset.num_classes)
     images, seconds = generate(model, labels, s, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,12 +117,13 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrid
 def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
     """Sample RUN_DIR, score the samples, write RUN_DIR/metrics.json and print it."""
     from isynth.eval.run_eval import evaluate_run
-    from isynth.runs import load_trained
+    from isynth.checkpoint import read_config_dict
+    from isynth.runs import run_from_dict
 
     if num_samples is not None and num_samples < 2:
         raise IsynthError(f"--num-samples must be >= 2, got {num_samples}")
-    model, _, _ = load_trained(run_dir)
-    s = _sampling(model, overrides, cfg_scale, None)
+    # Only the config is needed here; evaluate_run loads the weights once.
+    s = _sampling(run_from_dict(read_config_dict(run_dir)), overrides, cfg_scale, None)
     click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema), indent=2))
 
 
