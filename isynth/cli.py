@@ -62,7 +62,7 @@ def cli():
 @click.argument("paradigm")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory (re-running resumes).")
 @click.option("--dataset", default=None, help="'digits' (default) or a path to an .npz (arr_0 uint8 NHWC, labels).")
-@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b, rar-l, rar-xl, rar-xxl.")
+@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
 @click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -134,13 +134,15 @@ def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
 @click.option("--seq-len", type=int, default=None, help="Token count instead of the dataset's (e.g. 256 for ImageNet VQ f16).")
 @click.option("--vocab-size", type=int, default=None, help="Codebook size with --seq-len (e.g. 1024).")
 @click.option("--num-classes", type=int, default=None, help="Classes with --seq-len (e.g. 1000).")
+@click.option("--token-dim", type=int, default=None,
+              help="Continuous token size with --seq-len (default 16, MAR's KL-16 latents).")
 @OVERRIDES
-def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, overrides):
+def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim, overrides):
     """Print parameters and training / sampling FLOPs of PARADIGM at a preset as JSON."""
     from isynth.report import flops_report
 
     click.echo(json.dumps(flops_report(paradigm, preset, [*_dataset_overrides(dataset), *overrides],
-                                       seq_len, vocab_size, num_classes), indent=2))
+                                       seq_len, vocab_size, num_classes, token_dim), indent=2))
 
 
 @cli.command()

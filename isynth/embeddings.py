@@ -23,11 +23,16 @@ class ClassEmbedding(nn.Module):
     def null(self) -> int:
         return self.num_classes
 
-    def forward(self, labels: Tensor) -> Tensor:
+    def forward(self, labels: Tensor, null_vector: Tensor | None = None) -> Tensor:
+        """(B,) labels -> (B, C). `null_vector` (C,), if given, stands for the null label: eMIGM makes the
+        mask token the null condition (seed 004 sec. 3.2), one shared parameter."""
         if self.training and self.dropout > 0:
             drop = torch.rand(labels.shape, device=labels.device) < self.dropout
             labels = torch.where(drop, torch.full_like(labels, self.null), labels)
-        return self.table(labels)  # (B, C)
+        emb = self.table(labels)  # (B, C)
+        if null_vector is not None:
+            emb = torch.where((labels == self.null)[:, None], null_vector, emb)
+        return emb
 
 
 def learned_positions(num: int, width: int) -> nn.Parameter:

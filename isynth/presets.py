@@ -1,12 +1,14 @@
 """Named presets: a function per name returning a complete RunConfig for a paradigm.
 
 `tiny` trains on CPU in seconds (tests), `cpu` is the main job's size (digits, 2 cores), and the paper
-sizes (RAR-B/L/XL/XXL, seed 001 Table 1 and Table 6) are for GPU users.
+sizes (RAR-B/L/XL/XXL, seed 001; MAR-B/L/H; eMIGM XS-H, seed 004; Fluid 166M-1.1B, seed 002) are for GPU
+users. A preset is a size and recipe; it applies to any paradigm, each taking the fields it has.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
-from typing import Callable
+from typing import Any, Callable
 
 from isynth.config import ModelConfig, RunConfig, TrainConfig, parse_overrides, with_overrides
 from isynth.errors import IsynthError
@@ -14,22 +16,52 @@ from isynth.paradigms import paradigm_class
 from isynth.paradigms.base import Paradigm
 
 
-def _base(p: type[Paradigm], model: ModelConfig, train: TrainConfig, **sample) -> RunConfig:
-    return RunConfig(paradigm=p.name, model=model, method=p.Config(), sample=p.SampleConfig(**sample), train=train)
+def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that are fields of dataclass `cls` (presets set what a paradigm has)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _base(p: type[Paradigm], model: ModelConfig, train: TrainConfig, method: dict | None = None,
+          **sample) -> RunConfig:
+    return RunConfig(paradigm=p.name, model=model, method=p.Config(**_known(p.Config, method or {})),
+                     sample=p.SampleConfig(**_known(p.SampleConfig, sample)), tokenizer=p.default_tokenizer,
+                     train=train)
+
+
+# Per-paradigm settings of the small presets: few sampling steps and a small head keep CPU sampling within
+# the main job's budget (the paper settings are in the paper-size presets below).
+_SMALL_METHOD = {"mar": {"num_buffer": 4}, "mdm": {"num_buffer": 4}}
+# Encoder-decoder paradigms split the small presets' blocks: encoder and decoder get half each, so every
+# paradigm has the same number of blocks in all (their costs still differ: the MAE encoder is sparse).
+_SPLIT_DEPTH = {"mar", "mdm"}
+
+
+def _small_model(p: type[Paradigm], width: int, depth: int, num_heads: int) -> ModelConfig:
+    return ModelConfig(width=width, depth=depth // 2 if p.name in _SPLIT_DEPTH else depth, num_heads=num_heads)
+_SMALL_HEAD = {"head_width": 128, "head_depth": 2}
+_TINY_SAMPLING = {"maskgit": {"num_steps": 4}, "mdm": {"num_steps": 4, "head_steps": 4},
+                  "mar": {"num_steps": 4, "head_sampler": "dpm++", "head_steps": 4},
+                  "ar-cont": {"head_sampler": "dpm++", "head_steps": 4}}
+_CPU_SAMPLING = {"maskgit": {"num_steps": 8}, "mdm": {"num_steps": 16, "head_steps": 10},
+                 "mar": {"num_steps": 16, "head_sampler": "dpm++", "head_steps": 10},
+                 "ar-cont": {"head_sampler": "dpm++", "head_steps": 10}}
 
 
 def tiny(p: type[Paradigm]) -> RunConfig:
-    return _base(p, ModelConfig(width=32, depth=2, num_heads=2),
+    return _base(p, _small_model(p, 32, 2, 2),
                  TrainConfig(batch_size=32, lr=3e-3, max_steps=20, log_every=5, ckpt_every=10, eval_num_samples=100),
-                 cfg_scale=2.0, batch_size=100)
+                 method={**_SMALL_METHOD.get(p.name, {}), "head_width": 32, "head_depth": 2},
+                 **{"cfg_scale": 2.0, "batch_size": 100, **_TINY_SAMPLING.get(p.name, {})})
 
 
 def cpu(p: type[Paradigm]) -> RunConfig:
     """The main job's size: ~0.8M parameters, ~2 minutes of training on 2 cores (SPEC 5)."""
-    return _base(p, ModelConfig(width=128, depth=4, num_heads=4),
+    return _base(p, _small_model(p, 128, 4, 4),
                  TrainConfig(batch_size=128, lr=2e-3, warmup_fraction=0.05, max_steps=300, ema_decay=0.99,
                              log_every=10, ckpt_every=50, eval_num_samples=1000),
-                 cfg_scale=2.0, batch_size=500)
+                 method={**_SMALL_METHOD.get(p.name, {}), **_SMALL_HEAD},
+                 **{"cfg_scale": 2.0, "batch_size": 500, **_CPU_SAMPLING.get(p.name, {})})
 
 
 # RAR released sizes (seed 001 Table 1) and recipe (Table 6): adaLN + qk-norm, dropout 0.1, AdamW 4e-4,
@@ -55,8 +87,69 @@ def _rar_size(name: str) -> Callable[[type[Paradigm]], RunConfig]:
     return preset
 
 
+# MAR (Li et al. 2024, Table / reference scripts): encoder and decoder of `depth` blocks each, 16 heads,
+# head (depth, width), 64 buffer tokens, dropout 0.1, class drop 0.1; AdamW lr 1e-4 x batch/256 = 8e-4,
+# betas (0.9, 0.95), wd 0.02, 100 of 400 epochs warm-up then constant (min_lr = lr), grad clip 3.0,
+# EMA 0.9999; sampling 64 steps, linear CFG (B 2.9, L 3.0, H 3.2), DDPM 100 head steps.
+_MAR_SIZES = {"mar-b": (768, 12, (6, 1024), 2.9), "mar-l": (1024, 16, (8, 1280), 3.0),
+              "mar-h": (1280, 20, (12, 1536), 3.2)}
+# eMIGM (seed 004 Table 6): XS 448x10, S 512x12, B 768x12, L 1024x16, H 1280x20 with MAR's recipe; B/L/H
+# reuse MAR's heads (same parameter counts, 208M/478M/942M). The XS/S head sizes are not in the seed: a
+# 3 x 1024 head gives ~69M / ~97M in all, the paper's totals. Sampling: 16 steps, 8 DPM-Solver++ steps,
+# constant CFG 4 on the released intervals (seed 004, reference scripts).
+_EMIGM_SIZES = {"emigm-xs": (448, 10, (3, 1024), (0.1, 0.3)), "emigm-s": (512, 12, (3, 1024), (0.1, 0.3)),
+                "emigm-b": (768, 12, (6, 1024), (0.1, 0.3)), "emigm-l": (1024, 16, (8, 1280), (0.1, 0.3)),
+                "emigm-h": (1280, 20, (12, 1536), (0.2, 0.4))}
+# Fluid (seed 002) names its models by parameter count only; these depth x width shapes give our backbone
+# those totals (12 * depth * width^2 per transformer) with one bidirectional or causal stack (no MAE split),
+# a 3 x 1024 diffusion head, and Fluid's tuned random-continuous sampling (w 5, temperature 0.975).
+_FLUID_SIZES = {"fluid-166m": (1024, 12), "fluid-369m": (1280, 18), "fluid-665m": (1536, 24), "fluid-1.1b": (1792, 28)}
+
+
+def _mar_recipe(width: int, depth: int, mlp_head: tuple[int, int], method: dict, **sample) -> Callable:
+    def preset(p: type[Paradigm]) -> RunConfig:
+        model = ModelConfig(width=width, depth=depth, num_heads=16, dropout=0.1, attn_dropout=0.1)
+        train = TrainConfig(batch_size=2048, lr=8e-4, min_lr=8e-4, warmup_fraction=0.25, weight_decay=0.02,
+                            beta1=0.9, beta2=0.95, grad_clip=3.0, ema_decay=0.9999, max_steps=250_000,
+                            log_every=100, ckpt_every=2_000, eval_num_samples=50_000)
+        head = {"head_depth": mlp_head[0], "head_width": mlp_head[1], "diffusion_batch_mul": 4}
+        return _base(p, model, train, method={"num_buffer": 64, **head, **method},
+                     **{"batch_size": 256, **sample})
+    return preset
+
+
+def _mar_size(name: str) -> Callable:
+    width, depth, head, w = _MAR_SIZES[name]
+    preset = _mar_recipe(width, depth, head, {"mae": True, "decoder_depth": depth}, num_steps=64, cfg_scale=w,
+                         cfg_schedule="linear", head_sampler="ddpm", head_steps=100)
+    preset.__doc__ = f"{name.upper()}: encoder and decoder {depth} x {width}, head {head[0]} x {head[1]} (MAR)."
+    return preset
+
+
+def _emigm_size(name: str) -> Callable:
+    width, depth, head, (lo, hi) = _EMIGM_SIZES[name]
+    preset = _mar_recipe(width, depth, head, {"mae": True, "decoder_depth": depth, "mask_schedule": "exp",
+                                              "t_min": 0.2, "null_is_mask_token": True},
+                         num_steps=16, cfg_scale=4.0, cfg_schedule="constant", cfg_t_min=lo, cfg_t_max=hi,
+                         head_sampler="dpm++", head_steps=8, head_order=3)
+    preset.__doc__ = f"{name} (seed 004): encoder and decoder {depth} x {width}, head {head[0]} x {head[1]}."
+    return preset
+
+
+def _fluid_size(name: str) -> Callable:
+    width, depth = _FLUID_SIZES[name]
+    preset = _mar_recipe(width, depth, (3, 1024), {"mae": False, "decoder_depth": 0, "num_buffer": 1},
+                         num_steps=64, cfg_scale=5.0, temperature=0.975, cfg_schedule="linear",
+                         head_sampler="ddpm", head_steps=100)
+    preset.__doc__ = f"{name} (seed 002): {depth} x {width}, one stack, head 3 x 1024."
+    return preset
+
+
 PRESETS: dict[str, Callable[[type[Paradigm]], RunConfig]] = {"tiny": tiny, "cpu": cpu}
 PRESETS.update({name: _rar_size(name) for name in _RAR_SIZES})
+PRESETS.update({name: _mar_size(name) for name in _MAR_SIZES})
+PRESETS.update({name: _emigm_size(name) for name in _EMIGM_SIZES})
+PRESETS.update({name: _fluid_size(name) for name in _FLUID_SIZES})
 
 
 def make_run(paradigm: str, preset: str = "cpu", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

@@ -5,6 +5,7 @@ import dataclasses
 
 import torch
 
+from isynth.backbone import Transformer
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
 from isynth.paradigms import build_paradigm
@@ -13,16 +14,24 @@ from isynth.tokenizers import ShapeOnly, build_tokenizer
 
 
 def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int | None = None,
-                 vocab_size: int | None = None, num_classes: int | None = None) -> dict:
+                 vocab_size: int | None = None, num_classes: int | None = None, token_dim: int | None = None) -> dict:
     run = make_run(paradigm, preset, overrides)
     if seq_len is not None:
-        if seq_len <= 0 or (vocab_size is not None and vocab_size < 2) or (num_classes is not None and num_classes < 1):
-            raise IsynthError("--seq-len must be > 0, --vocab-size >= 2 and --num-classes >= 1")
-        tokenizer = ShapeOnly(seq_len, vocab_size or run.tokenizer.levels)
+        if (seq_len <= 0 or (vocab_size is not None and vocab_size < 2) or (num_classes is not None and num_classes < 1)
+                or (token_dim is not None and token_dim < 1)):
+            raise IsynthError("--seq-len must be > 0, --vocab-size >= 2, --num-classes >= 1 and --token-dim >= 1")
+        if run.tokenizer.kind == "grey":
+            if token_dim is not None:
+                raise IsynthError("--token-dim is for continuous tokens (tokenizer.kind=patch)")
+            tokenizer = ShapeOnly(seq_len, vocab_size or run.tokenizer.levels)
+        else:
+            if vocab_size is not None:
+                raise IsynthError("--vocab-size is for discrete tokens (tokenizer.kind=grey)")
+            tokenizer = ShapeOnly(seq_len, 0, token_dim or 16, discrete=False)
         classes = num_classes or 1000
     else:
-        if vocab_size is not None or num_classes is not None:
-            raise IsynthError("--vocab-size and --num-classes go with --seq-len")
+        if vocab_size is not None or num_classes is not None or token_dim is not None:
+            raise IsynthError("--vocab-size, --num-classes and --token-dim go with --seq-len")
         dataset = load_dataset(run.data)
         tokenizer, classes = build_tokenizer(run.tokenizer, dataset.image_shape), dataset.num_classes
     with torch.device("meta"):
@@ -38,12 +47,13 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
         "paradigm": paradigm,
         "preset": preset,
         "params": model.num_params(),
-        "backbone_params": model.net.param_count(),
+        "backbone_params": sum(m.param_count() for m in model.modules() if isinstance(m, Transformer)),
         "width": run.model.width,
         "depth": run.model.depth,
         "num_heads": run.model.num_heads,
         "seq_len": tokenizer.seq_len,
         "vocab_size": tokenizer.vocab_size,
+        "token_dim": tokenizer.token_dim,
         "train_flops_per_sample": model.train_flops_per_sample(),
         "sample_flops_per_image": variants["as_configured"],
         "sample_flops_per_image_variants": variants,

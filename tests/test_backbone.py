@@ -67,7 +67,7 @@ def test_ar_cached_logits_equal_teacher_forced_logits(ar_model):
     stepwise = []
     for i in range(m.seq_len):
         x = m._inputs(tokens[:, i - 1:i] if i else tokens[:, :0], cond, None, start=i)
-        stepwise.append(m.head(m.net(x, cond, causal=True, cache=cache)))
+        stepwise.append(m.head.logits(m.net(x, cond, causal=True, cache=cache)))
     torch.testing.assert_close(torch.cat(stepwise, 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -82,7 +82,7 @@ def test_ar_samples_identical_with_and_without_cache(ar_model):
 
 def test_ar_nll_of_a_uniform_model_is_log2_vocab(ar_model):
     m = ar_model
-    head = m.head
+    head = m.head.proj
     saved = head.weight.detach().clone(), head.bias.detach().clone()
     with torch.no_grad():
         head.weight.zero_()

@@ -23,6 +23,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
+from isynth.paradigms import PARADIGMS
+
 TIMEOUT_S = 300
 WORKERS = (os.cpu_count() or 2) + 1  # start-up is partly I/O: one more process than cores keeps them busy
 ENV: dict[str, str] = {}  # the subprocesses' environment, set before any test or fixture runs
@@ -564,14 +566,14 @@ def test_compare_tiny(tmp_path):
     result = ok(run_cli("compare", "--out", out, "--preset", "tiny", "--flops", "2e9", "--quiet"))
     summary = json.loads((out / "results.json").read_text())
     names = [r["paradigm"] for r in summary["rows"]]
-    assert names == ["ar", "ar", "rar", "rar"]  # without guidance, then with the preset's g = 2
-    assert [r["sampling"]["cfg_scale"] for r in summary["rows"]] == [1.0, 2.0, 1.0, 2.0]
+    assert names == [n for p in PARADIGMS for n in (p, p)]  # without guidance, then with the preset's g = 2
+    assert [r["sampling"]["cfg_scale"] for r in summary["rows"]] == [1.0, 2.0] * len(PARADIGMS)
     assert summary["train_flops_budget"] == 2e9
     for row in summary["rows"]:
         assert 0 < row["train_flops"] <= 2e9 and row["step"] >= 1
         assert (out / row["paradigm"] / "samples.png").is_file()
     md = (out / "results.md").read_text()
-    for name in ("ar", "rar"):
+    for name in PARADIGMS:
         assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 2, md
     assert "| ar |" in result.stdout
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from isynth.paradigms import PARADIGMS
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 TIMEOUT_S = 300
@@ -121,7 +123,7 @@ def test_command_line_block_runs_at_tiny_budget(tmp_path):
     assert abs(flops["params"] - 261e6) / 261e6 < 0.02
     compare = tmp_path / "runs" / "compare"
     rows = json.loads((compare / "results.json").read_text())["rows"]
-    assert [r["paradigm"] for r in rows] == ["ar", "ar", "rar", "rar"]  # without, then with guidance
+    assert [r["paradigm"] for r in rows] == [n for p in PARADIGMS for n in (p, p)]  # without, then with guidance
     assert (compare / "results.md").is_file()
     for r in rows:
         assert (compare / r["paradigm"] / "samples.png").is_file()

@@ -1,10 +1,12 @@
-"""Next-token prediction (`ar`): raster-order autoregression over discrete tokens (SPEC 1.1).
+"""Next-token prediction (`ar`, `ar-cont`): raster-order autoregression over tokens (SPEC 1.1, 1.5).
 
 Sequence [cond, x_1 .. x_N]: the class embedding is the first input and x_i is predicted from
-(cond, x_<i) with cross-entropy (LlamaGen / Kilian'24 NTP). The input at step i is x_{i-1}, so the last
+(cond, x_<i) (LlamaGen / Kilian'24 NTP). The tokenizer picks the head: discrete ids get a softmax and
+cross-entropy, continuous vectors MAR's per-token diffusion head (`ar-cont`, Fluid's "raster continuous",
+seed 002), through the one `isynth.heads` contract. The input at step i is x_{i-1}, so the last
 token is never an input and the model runs N positions for N targets. Sampling is one token per step with
-a KV cache (one forward over the new token), temperature, top-k, top-p and classifier-free guidance by a
-doubled batch with RAR's pow-cosine schedule.
+a KV cache (one forward over the new token), temperature, top-k, top-p (or the diffusion head's sampler)
+and classifier-free guidance by a doubled batch with RAR's pow-cosine schedule.
 
 The generation order is a hook (`training_order`): `rar` subclasses this file with random permutations
 and target-aware positions; everything else (loss, sampling, NLL, FLOPs) is this one implementation.
@@ -16,38 +18,36 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from isynth.backbone import Transformer
 from isynth.config import RunConfig, check
+from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
-from isynth.guidance import draw, filter_logits, guide, pow_cosine_scale
+from isynth.guidance import pow_cosine_scale
+from isynth.heads import TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
 from isynth.paradigms.base import Paradigm
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers import Tokenizer, TokenizerConfig
 
 
 @dataclass(frozen=True)
-class ARConfig:
+class ARConfig(DiffHeadConfig):  # head_* fields: the diffusion head, used with continuous tokens
     class_dropout: float = 0.1    # label -> null class during training, for CFG (RAR: 0.1)
 
     def __post_init__(self):
+        super().__post_init__()
         check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class ARSampleConfig:
-    temperature: float = 1.0
-    top_k: int = 0                # 0 = off
-    top_p: float = 1.0            # 1 = off
+class ARSampleConfig(TokenSampling):
     cfg_scale: float = 1.0        # guidance weight g; 1 = no guidance (no unconditional pass)
     cfg_pow: float = 0.0          # RAR pow-cosine schedule exponent; 0 = constant g
     kv_cache: bool = True
     batch_size: int = 256         # images per sampling batch
 
     def __post_init__(self):
-        check(self.temperature > 0, "sample.temperature must be > 0")
-        check(self.top_k >= 0, "sample.top_k must be >= 0")
-        check(0 < self.top_p <= 1, "sample.top_p must be in (0, 1]")
+        super().__post_init__()
         check(self.cfg_scale >= 0 and self.cfg_pow >= 0, "sample.cfg_scale and sample.cfg_pow must be >= 0")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
 
@@ -56,23 +56,20 @@ class AR(Paradigm):
     name = "ar"
     Config = ARConfig
     SampleConfig = ARSampleConfig
-    discrete = True
+    discrete = None  # either: the tokenizer picks the head
     target_aware = False
 
     def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
         super().__init__(run, tokenizer, num_classes)
         c, n = run.model.width, self.seq_len
-        self.tok_embed = nn.Embedding(tokenizer.vocab_size, c)
-        nn.init.trunc_normal_(self.tok_embed.weight, std=0.02)
+        self.tok_embed = TokenInput(tokenizer, c)
         self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
         self.pos_embed = learned_positions(n + 1, c)  # index 0: cond; 1 + j: image position j
         # RAR's target-aware table: the input at step i also carries the embedding of the position it
         # must predict next (seed 001 sec. 3.2), so different orders give different logits.
         self.target_pos_embed = learned_positions(n, c) if self.target_aware else None
         self.net = Transformer(run.model)
-        self.head = nn.Linear(c, tokenizer.vocab_size)
-        nn.init.zeros_(self.head.bias)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.head = build_head(tokenizer, c, run.method)
 
     # --- ordering hook ------------------------------------------------------------------------------
     def training_order(self, batch: int, device) -> Tensor | None:
@@ -107,23 +104,33 @@ class AR(Paradigm):
         steps = torch.arange(first - offset, first - offset + count, device=order.device)
         return F.embedding(offset + order[:, steps], table[0])  # (B, T, C)
 
-    def logits(self, tokens: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
-        """Teacher-forced logits (B, N, V) for tokens (B, N) in raster layout, read in `order`."""
-        seq = tokens if order is None else torch.gather(tokens, 1, order)  # (B, N) in generation order
+    @staticmethod
+    def _in_order(tokens: Tensor, order: Tensor | None) -> Tensor:
+        """tokens (B, N) or (B, N, D) in raster layout -> the same in generation order."""
+        return tokens if order is None else gather_tokens(tokens, order)
+
+    def features(self, seq: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
+        """Teacher-forced backbone features (B, N, C) predicting each token of `seq` (generation order)."""
         cond = self.class_embed(labels)  # (B, C)
         x = self._inputs(seq[:, :-1], cond, order, start=0)  # (B, N, C)
-        h = self.net(x, cond if self.run.model.adaln else None, causal=True)
-        return self.head(h)
+        return self.net(x, cond if self.run.model.adaln else None, causal=True)
+
+    def logits(self, tokens: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
+        """Teacher-forced logits (B, N, V) for discrete tokens (B, N) in raster layout, read in `order`."""
+        return self.head.logits(self.features(self._in_order(tokens, order), labels, order))
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         order = self.training_order(tokens.shape[0], tokens.device)
-        logits = self.logits(tokens, labels, order)
-        target = tokens if order is None else torch.gather(tokens, 1, order)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+        seq = self._in_order(tokens, order)  # (B, N[, D]) targets in generation order
+        h = self.features(seq, labels, order)  # (B, N, C)
+        return self.head.loss(h.flatten(0, 1), seq.flatten(0, 1)).mean()
 
     @torch.no_grad()
-    def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor:
-        """Exact NLL of the raster factorisation (the order the model samples in), bits per token."""
+    def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor | None:
+        """Exact NLL of the raster factorisation (the order the model samples in), bits per token;
+        None for continuous tokens (the diffusion head gives no exact likelihood)."""
+        if not self.head.discrete:
+            return None
         logits = self.logits(tokens, labels)
         nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
         return nats.mean(1) / math.log(2)
@@ -138,7 +145,7 @@ class AR(Paradigm):
         rows = torch.cat([labels, torch.full_like(labels, self.class_embed.null)]) if use_cfg else labels
         cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
         c_ada = cond if self.run.model.adaln else None
-        out = torch.empty(b, n, dtype=torch.long, device=labels.device)
+        out = empty_tokens(self.tokenizer, b, labels.device)  # (B, N) ids or (B, N, D) vectors
         dev = labels.device.type  # under autocast (bf16 on GPU) keys and values arrive in the autocast dtype
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cond.dtype
         cache = self.net.new_cache(rows.shape[0], n, labels.device, dtype) if s.kv_cache else None
@@ -147,30 +154,38 @@ class AR(Paradigm):
             prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
             x = self._inputs(prev, cond, None, start=i if cache is not None else 0)
             h = self.net(x, c_ada, causal=True, cache=cache)[:, -1]  # (R, C)
-            logits = self.head(h).float()  # (R, V)
-            if use_cfg:
-                w = pow_cosine_scale(i, n, s.cfg_scale, s.cfg_pow)
-                logits = guide(logits[:b], logits[b:], w)
-            out[:, i] = draw(filter_logits(logits, s.top_k, s.top_p), s.temperature, generator)
+            w = pow_cosine_scale(i, n, s.cfg_scale, s.cfg_pow) if use_cfg else None
+            out[:, i] = self.head.sample(h, s, w, generator)
         return out
 
     # --- compute accounting (SPEC 2) ----------------------------------------------------------------
-    def _head_flops(self, positions: int) -> int:
-        return 2 * positions * self.run.model.width * self.tokenizer.vocab_size
-
     def train_flops_per_sample(self) -> int:
-        n = self.seq_len
-        return self.net.flops(n, n, train=True) + 3 * self._head_flops(n)  # head backward = 2 x forward
+        n = self.seq_len  # N - 1 token inputs (the last token is never an input), N head targets
+        return int(self.net.flops(n, n, train=True) + self.tok_embed.flops(n - 1, train=True)
+                   + self.head.train_flops(n))
 
     def sample_flops(self, sampling: ARSampleConfig | None = None) -> int:
         s = self.sampling_or_default(sampling)
         n = self.seq_len
-        if s.kv_cache:  # step i: one new query over i+1 cached keys
+        if s.kv_cache:  # step i: one new query over i+1 cached keys, one new token embedded
             net = sum(self.net.flops(1, i + 1) for i in range(n))
+            embedded = n - 1
         else:  # step i: the whole prefix of i+1 positions again
             net = sum(self.net.flops(i + 1, i + 1) for i in range(n))
-        passes = 2 if s.cfg_scale != 1.0 else 1
-        return passes * (net + self._head_flops(n))
+            embedded = n * (n - 1) // 2
+        cfg = s.cfg_scale != 1.0
+        # One head call per step for the whole batch (both CFG halves inside); its per-call work (the
+        # diffusion head's time embedding) is shared by the batch's sample.batch_size images.
+        head = n * self.head.sample_flops(s.batch_size, s, cfg) / s.batch_size
+        return int((2 if cfg else 1) * (net + self.tok_embed.flops(embedded)) + head)
 
     def num_network_evals(self, sampling: ARSampleConfig | None = None) -> int:
         return self.seq_len
+
+
+class ARCont(AR):
+    """`ar-cont`: the same model on continuous tokens with the diffusion head (Fluid "raster continuous")."""
+
+    name = "ar-cont"
+    discrete = False
+    default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)

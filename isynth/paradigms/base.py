@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from isynth.config import RunConfig
+from isynth.config import RunConfig, TokenizerConfig
 from isynth.tokenizers import Tokenizer
 
 
@@ -24,7 +24,8 @@ class Paradigm(nn.Module):
     name: ClassVar[str]
     Config: ClassVar[type]          # frozen dataclass of training-side settings (run.method)
     SampleConfig: ClassVar[type]    # frozen dataclass of sampling settings (run.sample)
-    discrete: ClassVar[bool]        # which tokenizer family it needs
+    discrete: ClassVar[bool | None]  # which tokenizer family it needs; None: either (the head follows it)
+    default_tokenizer: ClassVar[TokenizerConfig] = TokenizerConfig()  # presets start from this
 
     def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
         super().__init__()

@@ -1,0 +1,247 @@
+"""Shared parts of the masked paradigms `maskgit`, `mdm` and `mar` (SPEC 1.3-1.5).
+
+eMIGM (seed 004, Table 1) unifies MaskGIT, MAR and masked diffusion: they differ in the masking
+distribution, the loss weighting and the per-token head. This module is everything they share, so each
+paradigm file holds only its own choices:
+
+- the network: class "buffer" tokens in front of the token grid (MAR), an encoder (the shared backbone,
+  bidirectional) that either sees only the visible tokens (`mae`, He et al. 2022; MAR) or all tokens with
+  mask tokens in place, an optional decoder that fills in mask tokens, and a head per token (`isynth.heads`:
+  softmax for discrete tokens, MAR's diffusion head for continuous ones);
+- the loss on masked tokens, with a per-sample weight (eMIGM's w(t));
+- the K-step sampler: step k runs the network on the partial grid and reveals tokens so that
+  floor(N * gamma(t_{k+1})) stay masked, in a random per-sample order (MAR, eMIGM) or by confidence
+  (MaskGIT overrides `reveal`); CFG doubles the batch only on steps inside [cfg_t_min, cfg_t_max] (eMIGM);
+- compute accounting: the encoder on visible tokens only, the head on the tokens it models, every CFG pass,
+  and training FLOPs as the expectation over the paradigm's masked-count distribution.
+
+Subclasses implement `training_mask` (the masking distribution and weight), `train_count_pmf` (the
+distribution of the masked count that `training_mask` draws, for the expected training FLOPs) and
+`sampling_schedule`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from isynth.backbone import Transformer
+from isynth.config import RunConfig, check
+from isynth.diffhead import DiffHeadConfig
+from isynth.embeddings import ClassEmbedding, learned_positions
+from isynth.errors import IsynthError
+from isynth.heads import TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
+from isynth.masking import MaskSchedule, masked_counts
+from isynth.paradigms.base import Paradigm
+from isynth.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class MaskedConfig(DiffHeadConfig):
+    class_dropout: float = 0.1        # label -> null class in training, for CFG (MAR's "fake latent": 0.1)
+    num_buffer: int = 1               # class tokens in front of the grid (MAR: 64; MaskGIT: 1)
+    mae: bool = False                 # encoder sees visible tokens only; the decoder gets mask tokens
+    decoder_depth: int | None = 0     # 0: no decoder (MaskGIT); None: as deep as the encoder (MAR, eMIGM)
+    null_is_mask_token: bool = False  # eMIGM: the null condition for CFG is the mask token itself
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
+        check(self.num_buffer >= 1, "method.num_buffer must be >= 1")
+        check(self.decoder_depth is None or self.decoder_depth >= 0, "method.decoder_depth must be >= 0 or none")
+        check(not self.mae or self.decoder_depth != 0,
+              "method.mae=true needs a decoder to fill in the masked tokens (method.decoder_depth >= 1 or none)")
+
+
+@dataclass(frozen=True)
+class MaskedSampleConfig(TokenSampling):
+    num_steps: int = 16               # K network passes; each reveals >= 1 token, the last reveals all
+    cfg_scale: float = 1.0            # guidance weight w; 1 = no guidance (no unconditional pass)
+    cfg_schedule: Literal["constant", "linear"] = "linear"  # linear: 1 + (w-1) * revealed/N (MAR)
+    cfg_t_min: float = 0.0            # CFG only on steps whose time t is in (cfg_t_min, cfg_t_max]; outside
+    cfg_t_max: float = 1.0            # it no unconditional pass runs (eMIGM's CFG interval)
+    batch_size: int = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.num_steps >= 1, "sample.num_steps must be >= 1")
+        check(self.cfg_scale >= 0, "sample.cfg_scale must be >= 0")
+        check(0 <= self.cfg_t_min < self.cfg_t_max <= 1,
+              f"sample.cfg_t_min={self.cfg_t_min} and cfg_t_max={self.cfg_t_max} must satisfy 0 <= min < max <= 1")
+        check(self.batch_size > 0, "sample.batch_size must be > 0")
+
+
+class MaskedParadigm(Paradigm):
+    time_end: float = 0.0  # sampling times run over linspace(1, time_end, K + 1) (eMIGM: 1e-5)
+
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+        super().__init__(run, tokenizer, num_classes)
+        m, c, n = run.method, run.model.width, self.seq_len
+        self.num_buffer = nb = m.num_buffer
+        if run.sample.num_steps > n:
+            raise IsynthError(f"sample.num_steps={run.sample.num_steps} exceeds the {n} tokens to reveal")
+        self.tok_embed = TokenInput(tokenizer, c)
+        self.class_embed = ClassEmbedding(num_classes, c, m.class_dropout)
+        self.mask_token = nn.Parameter(torch.zeros(c))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.enc_pos = learned_positions(nb + n, c)
+        self.encoder = Transformer(run.model)
+        depth = run.model.depth if m.decoder_depth is None else m.decoder_depth
+        self.decoder = Transformer(dataclasses.replace(run.model, depth=depth)) if depth else None
+        self.dec_pos = learned_positions(nb + n, c) if depth else None
+        self.head_pos = learned_positions(n, c)  # MAR's position embedding added before the head
+        self.head = build_head(tokenizer, c, m)
+        self.last_masked_count = 0.0  # mean masked tokens per sample of the last training batch
+
+    # --- what subclasses choose -------------------------------------------------------------------
+    def training_mask(self, batch: int, device) -> tuple[Tensor, Tensor]:
+        """(mask (B, N) bool, True = masked; loss weight (B,)) for one training batch."""
+        raise NotImplementedError
+
+    def train_count_pmf(self) -> Tensor:
+        """(N + 1,) float64: probability that a training sample has m masked tokens."""
+        raise NotImplementedError
+
+    @property
+    def sampling_schedule(self) -> MaskSchedule:
+        raise NotImplementedError
+
+    # --- network ----------------------------------------------------------------------------------
+    def condition(self, labels: Tensor) -> Tensor:
+        null = self.mask_token if self.run.method.null_is_mask_token else None
+        return self.class_embed(labels, null)  # (B, C)
+
+    def features(self, tokens: Tensor, mask: Tensor, cond: Tensor) -> Tensor:
+        """Features (B, N, C) for every position of the grid, given tokens (B, N[, D]) where mask (B, N)
+        is False and the condition (B, C). With `mae` every row must have the same number masked."""
+        b, n, nb = mask.shape[0], self.seq_len, self.num_buffer
+        c_ada = cond if self.run.model.adaln else None
+        buffers = cond[:, None].expand(b, nb, cond.shape[-1]) + self.enc_pos[:, :nb]  # (B, nb, C)
+        if self.run.method.mae:
+            visible = (~mask).sum(1)
+            if (visible != visible[0]).any():
+                raise ValueError("the MAE encoder needs the same number of masked tokens in every row")
+            keep = (~mask).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :int(visible[0])]  # (B, V)
+            x = self.tok_embed(gather_tokens(tokens, keep)) + F.embedding(nb + keep, self.enc_pos[0])  # (B, V, C)
+        else:
+            x = torch.where(mask[..., None], self.mask_token, self.tok_embed(tokens)) + self.enc_pos[:, nb:]
+        h = self.encoder(torch.cat([buffers, x], 1), c_ada)  # (B, nb + V, C)
+        if self.decoder is not None:
+            grid = h[:, nb:]
+            if self.run.method.mae:  # visible features back to their positions, mask tokens elsewhere
+                fill = self.mask_token.to(h.dtype).expand(b, n, -1)
+                grid = fill.scatter(1, keep[..., None].expand(-1, -1, h.shape[-1]), grid)  # (B, N, C)
+            else:
+                grid = torch.where(mask[..., None], self.mask_token.to(h.dtype), grid)
+            h = self.decoder(torch.cat([h[:, :nb], grid], 1) + self.dec_pos, c_ada)  # (B, nb + N, C)
+        return h[:, nb:] + self.head_pos  # (B, N, C)
+
+    # --- training -----------------------------------------------------------------------------------
+    def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        b = tokens.shape[0]
+        mask, weight = self.training_mask(b, tokens.device)
+        self.last_masked_count = mask.sum().item() / b
+        z = self.features(tokens, mask, self.condition(labels))
+        per_token = self.head.loss(z[mask], tokens[mask])  # (M,) over the masked tokens of the batch
+        w = weight[:, None].expand(b, self.seq_len)[mask]
+        return (per_token * w).sum() / mask.sum()
+
+    # --- sampling -----------------------------------------------------------------------------------
+    def sampling_times(self, num_steps: int) -> list[float]:
+        return torch.linspace(1.0, self.time_end, num_steps + 1, dtype=torch.float64, device="cpu").tolist()
+
+    def mask_counts(self, s: MaskedSampleConfig) -> list[int]:
+        """Tokens still masked before each step and after the last: N = m_0 > m_1 > ... > m_K = 0."""
+        if s.num_steps > self.seq_len:
+            raise IsynthError(f"sample.num_steps={s.num_steps} exceeds the {self.seq_len} tokens to reveal")
+        with torch.device("cpu"):  # plain numbers, also when the model is built on the meta device
+            return masked_counts(self.seq_len, self.sampling_times(s.num_steps), self.sampling_schedule)
+
+    def cfg_weight(self, s: MaskedSampleConfig, t: float, masked_after: int) -> float | None:
+        """Guidance weight of a step at time t, or None: no unconditional pass on this step."""
+        if s.cfg_scale == 1.0 or not s.cfg_t_min < t <= s.cfg_t_max:
+            return None
+        if s.cfg_schedule == "constant":
+            return s.cfg_scale
+        return 1.0 + (s.cfg_scale - 1.0) * (self.seq_len - masked_after) / self.seq_len  # MAR's linear
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampling: MaskedSampleConfig | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        s = self.sampling_or_default(sampling)
+        b, n, dev = labels.shape[0], self.seq_len, labels.device
+        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
+        tokens = empty_tokens(self.tokenizer, b, dev)
+        mask = torch.ones(b, n, dtype=torch.bool, device=dev)
+        ranks = torch.rand(b, n, generator=generator, device=dev).argsort(1).argsort(1)  # random order (B, N)
+        cond = self.condition(labels)
+        uncond = self.condition(torch.full_like(labels, self.class_embed.null))
+        for k in range(s.num_steps):
+            w = self.cfg_weight(s, times[k], counts[k + 1])
+            if w is None:
+                z = self.features(tokens, mask, cond)  # (B, N, C)
+            else:  # conditional rows then unconditional rows, reading the same partial grid
+                z = self.features(torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([cond, uncond]))
+            reveal, values = self.reveal(k, z, w, mask, ranks, counts, s, generator)
+            tokens[reveal] = values.to(tokens.dtype)
+            mask &= ~reveal
+        return tokens
+
+    def reveal(self, k: int, z: Tensor, w: float | None, mask: Tensor, ranks: Tensor, counts: list[int],
+               s: MaskedSampleConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Which positions step k reveals (B, N) bool, and their values in row-major order.
+
+        Random order (MAR, eMIGM): the tokens ranked in [m_{k+1}, m_k) of each row's random permutation;
+        the head runs on those tokens only (with both CFG halves when w is given).
+        """
+        reveal = (ranks >= counts[k + 1]) & (ranks < counts[k])  # exactly m_k - m_{k+1} per row
+        zr = z[torch.cat([reveal, reveal])] if w is not None else z[reveal]  # (R * r, C)
+        return reveal, self.head.sample(zr, s, w, generator)
+
+    def num_network_evals(self, sampling: MaskedSampleConfig | None = None) -> int:
+        return self.sampling_or_default(sampling).num_steps
+
+    # --- compute accounting (SPEC 2) ----------------------------------------------------------------
+    def features_flops(self, visible: float, train: bool = False) -> float:
+        """One pass of `features` for one sample with `visible` unmasked tokens."""
+        n, nb = self.seq_len, self.num_buffer
+        embedded = visible if self.run.method.mae else n
+        f = self.encoder.flops(nb + embedded, nb + embedded, train) + self.tok_embed.flops(embedded, train)
+        if self.decoder is not None:
+            f += self.decoder.flops(nb + n, nb + n, train)
+        return f
+
+    def train_flops_given(self, masked: float) -> int:
+        """Training FLOPs of one sample with `masked` masked tokens: network, then the head on them."""
+        return int(self.features_flops(self.seq_len - masked, train=True) + self.head.train_flops(masked))
+
+    def train_flops_per_sample(self) -> int:
+        """Expected over the masked-count distribution (the MAE encoder's cost depends on it)."""
+        with torch.device("cpu"):  # plain numbers, also when the model is built on the meta device
+            pmf = self.train_count_pmf()
+        return int(sum(p * self.train_flops_given(m) for m, p in enumerate(pmf.tolist()) if p > 0))
+
+    def head_sample_flops(self, k: int, counts: list[int], s: MaskedSampleConfig, cfg: bool) -> float:
+        """Per image: one head call per step for a batch of sample.batch_size images, which share its
+        per-call work (the diffusion head's time embedding)."""
+        return self.head.sample_flops(s.batch_size * (counts[k] - counts[k + 1]), s, cfg) / s.batch_size
+
+    def sample_flops(self, sampling: MaskedSampleConfig | None = None) -> int:
+        s = self.sampling_or_default(sampling)
+        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
+        total = 0.0
+        for k in range(s.num_steps):
+            cfg = self.cfg_weight(s, times[k], counts[k + 1]) is not None
+            total += (2 if cfg else 1) * self.features_flops(self.seq_len - counts[k])
+            total += self.head_sample_flops(k, counts, s, cfg)
+        return int(total)
+
+    def unconditional_passes(self, sampling: MaskedSampleConfig | None = None) -> int:
+        """Steps that run the unconditional half too (the CFG interval cuts these)."""
+        s = self.sampling_or_default(sampling)
+        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
+        return sum(self.cfg_weight(s, times[k], counts[k + 1]) is not None for k in range(s.num_steps))
