@@ -169,7 +169,8 @@ class DiffusionHead(nn.Module):
     def sample(self, z: Tensor, sampling, cfg_weight: float | None = None,
                generator: torch.Generator | None = None) -> Tensor:
         """Tokens (B, token_dim) in z's dtype. z is (B, C), or (2B, C) = [conditional; unconditional] when
-        cfg_weight is given. `sampling` has head_sampler, head_steps, head_order and temperature."""
+        cfg_weight is given. `sampling` has head_sampler, head_steps, head_order and temperature. Both
+        samplers start from x_T ~ N(0, I) at t = T_MAX (see LOGSNR_MIN)."""
         if cfg_weight is not None and z.shape[0] % 2:
             raise ValueError("with cfg_weight, z must stack conditional and unconditional rows (2B, C)")
         cond = self.cond_proj(z)  # (R, W): once per call, not per step
