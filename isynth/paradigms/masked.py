@@ -95,7 +95,7 @@ class MaskedParadigm(Paradigm):
         self.dec_pos = learned_positions(nb + n, c) if depth else None
         self.head_pos = learned_positions(n, c)  # MAR's position embedding added before the head
         self.head = build_head(tokenizer, c, m)
-        self.last_masked_count = 0.0  # mean masked tokens per sample of the last training batch
+        self._last_masked = torch.zeros(())  # mean masked tokens per sample of the last training batch
 
     # --- what subclasses choose -------------------------------------------------------------------
     def training_mask(self, batch: int, device) -> tuple[Tensor, Tensor]:
@@ -141,10 +141,14 @@ class MaskedParadigm(Paradigm):
         return h[:, nb:] + self.head_pos  # (B, N, C)
 
     # --- training -----------------------------------------------------------------------------------
+    @property
+    def last_masked_count(self) -> float:
+        return float(self._last_masked)
+
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         b = tokens.shape[0]
         mask, weight = self.training_mask(b, tokens.device)
-        self.last_masked_count = mask.sum().item() / b
+        self._last_masked = mask.sum().detach() / b  # a tensor: no host sync on the training hot path
         z = self.features(tokens, mask, self.condition(labels))
         per_token = self.head.loss(z[mask], tokens[mask])  # (M,) over the masked tokens of the batch
         w = weight[:, None].expand(b, self.seq_len)[mask]
