@@ -4,6 +4,8 @@ It maps input vectors x (B, T, C) and an optional condition vector c (B, C) to f
 knows nothing of tokens, masking, ordering or noise: paradigms embed their inputs and read its outputs.
 Pre-norm blocks (ViT/GPT-2), `scaled_dot_product_attention` with a causal or bidirectional mask,
 optional qk-norm (RAR reference) and optional adaLN-Zero conditioning (DiT, Peebles & Xie 2023).
+GET (seed 000) conditions by adding vectors to each block's qkv (`qkv_add`) and iterates the blocks to a
+fixed point without the final norm (`final_norm=False`).
 Incremental decoding writes keys/values into preallocated buffers (`KVCache`): no per-step concatenation.
 """
 from __future__ import annotations
@@ -46,9 +48,11 @@ class Attention(nn.Module):
         self.q_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x: Tensor, causal: bool, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, causal: bool, cache: KVCache | None, layer: int,
+                qkv_add: Tensor | None = None) -> Tensor:
         b, t, c = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+        qkv = self.qkv(x) if qkv_add is None else self.qkv(x) + qkv_add  # (B, T, 3C); qkv_add broadcasts
+        qkv = qkv.reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask, is_causal = None, causal
@@ -91,13 +95,14 @@ class Block(nn.Module):
         if cfg.adaln:
             self.modulation = nn.Linear(cfg.width, 6 * cfg.width)
 
-    def forward(self, x: Tensor, c: Tensor | None, causal: bool, cache: KVCache | None, layer: int) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor | None, causal: bool, cache: KVCache | None, layer: int,
+                qkv_add: Tensor | None = None) -> Tensor:
         if not self.adaln:
-            x = x + self.drop(self.attn(self.norm1(x), causal, cache, layer))
+            x = x + self.drop(self.attn(self.norm1(x), causal, cache, layer, qkv_add))
             return x + self.mlp(self.norm2(x))
         mods = self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
-        x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), causal, cache, layer))
+        x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), causal, cache, layer, qkv_add))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -115,14 +120,24 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None) -> Tensor:
-        """x: (B, T, C) input vectors; c: (B, C) condition (required iff adaLN). Returns (B, T, C)."""
+    def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None,
+                qkv_add: Tensor | list[Tensor] | None = None, final_norm: bool = True) -> Tensor:
+        """x: (B, T, C) input vectors; c: (B, C) condition (required iff adaLN). Returns (B, T, C).
+
+        qkv_add: added to every block's qkv projection, one tensor broadcasting to (B, T, 3C) for all blocks
+        or a list with one per block (GET's class and injection conditioning). final_norm=False returns the
+        residual stream of the last block (GET's equilibrium state)."""
         if self.cfg.adaln and c is None:
             raise ValueError("this backbone uses adaLN and needs a condition vector c")
+        per_block = qkv_add if isinstance(qkv_add, (list, tuple)) else [qkv_add] * len(self.blocks)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, c, causal, cache, i)
+            x = blk(x, c, causal, cache, i, per_block[i])
         if cache is not None:
             cache.length += x.shape[1]
+        return self.final(x, c) if final_norm else x
+
+    def final(self, x: Tensor, c: Tensor | None = None) -> Tensor:
+        """The output norm (adaLN-modulated when the blocks are)."""
         if not self.cfg.adaln:
             return self.norm(x)
         shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, C)
@@ -141,7 +156,7 @@ class Transformer(nn.Module):
         final = (c * 2 * c + 2 * c) if cfg.adaln else 2 * c
         return cfg.depth * block + final
 
-    def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False) -> int:
+    def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False, final: bool = True) -> int:
         """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.
 
         2*m*n*k per matmul (SPEC 2): qkv, output projection, the two MLP layers, attention scores QK^T
@@ -155,7 +170,7 @@ class Transformer(nn.Module):
         c, h = cfg.width, cfg.mlp_hidden
         dense = 2 * q * (3 * c * c + c * c + 2 * c * h) + (2 * c * 6 * c if cfg.adaln else 0)
         attn = 2 * 2 * q * kv * c
-        final = 2 * c * 2 * c if cfg.adaln else 0
+        final = 2 * c * 2 * c if cfg.adaln and final else 0
         if not train:
             return cfg.depth * (dense + attn) + final
         return cfg.depth * (3 * dense + 7 * attn // 2) + 3 * final

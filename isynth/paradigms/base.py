@@ -26,6 +26,7 @@ class Paradigm(nn.Module):
     SampleConfig: ClassVar[type]    # frozen dataclass of sampling settings (run.sample)
     discrete: ClassVar[bool | None]  # which tokenizer family it needs; None: either (the head follows it)
     default_tokenizer: ClassVar[TokenizerConfig] = TokenizerConfig()  # presets start from this
+    model_defaults: ClassVar[dict] = {}  # backbone fields every preset sets for it (diffusion: adaLN)
 
     def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
         super().__init__()
@@ -62,6 +63,14 @@ class Paradigm(nn.Module):
     def num_network_evals(self, sampling=None) -> int:
         """Number of backbone calls to generate one batch (NFE), CFG passes counted once."""
         raise NotImplementedError
+
+    def validate_training(self, dataset) -> None:
+        """Raise IsynthError if this run cannot train on `dataset` (called before a run directory is made)."""
+
+    def training_data(self, dataset) -> tuple[Tensor, Tensor]:
+        """(inputs (N, ...), labels (N,)) the trainer draws its batches from: the tokenised training images;
+        GET trains on its teacher's (noise, image) pairs instead."""
+        return self.tokenizer.encode(torch.from_numpy(dataset.train_images)), torch.from_numpy(dataset.train_labels)
 
     # --- helpers ------------------------------------------------------------------------------------
     def sampling_or_default(self, sampling):
