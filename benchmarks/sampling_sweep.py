@@ -5,9 +5,12 @@
     python benchmarks/sampling_sweep.py runs/compare/mdm --variant "cfg_scale=2 cfg_schedule=constant" \\
         --variant "cfg_scale=2 cfg_schedule=constant cfg_t_min=0.2 cfg_t_max=0.6"
 
+    python benchmarks/sampling_sweep.py runs/compare/diffusion --weights both \
+        --variant "num_steps=4 sampler=euler" --variant "num_steps=8 sampler=euler"
+
 Each variant overrides the run's sampling config (`field=value`, as `sample.field=value` on the CLI) and is
-evaluated like `isynth eval` (EMA weights, the same seed and labels) on a copy of the run directory, so
-the run's own metrics and samples are left alone. Columns: FD-digits, class accuracy, precision/recall,
+evaluated like `isynth eval` (EMA weights unless --weights raw|both; the same seed and labels) on a copy
+of the run directory, so the run's own metrics and samples are left alone. Columns: FD-digits, class accuracy, precision/recall,
 sampling FLOPs/image, backbone passes (NFE) and those with the unconditional half, and images/s.
 """
 from __future__ import annotations
@@ -27,19 +30,22 @@ def main():
     ap.add_argument("run")
     ap.add_argument("--variant", action="append", required=True, help='space-separated field=value pairs')
     ap.add_argument("--num-samples", type=int, default=1000)
+    ap.add_argument("--weights", choices=["ema", "raw", "both"], default="ema")
     args = ap.parse_args()
     model, _, _ = load_trained(Path(args.run))
-    print("| sampling | FD-digits | class acc | precision | recall | FLOPs/img | NFE | NFE with uncond | images/s | s/image |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    weights = {"ema": [True], "raw": [False], "both": [True, False]}[args.weights]
+    print("| sampling | weights | FD-digits | class acc | precision | recall | FLOPs/img | NFE | NFE with uncond "
+          "| images/s | ms/image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / "run"
         shutil.copytree(args.run, copy)
-        for text in args.variant:
+        for text, ema in ((t, e) for t in args.variant for e in weights):
             s = with_overrides(model.run.sample, parse_overrides(text.split()), "sample.")
-            r = evaluate_run(copy, args.num_samples, s)
+            r = evaluate_run(copy, args.num_samples, s, use_ema=ema)
             uncond = model.unconditional_passes(s) if hasattr(model, "unconditional_passes") else (
-                r["nfe"] if s.cfg_scale != 1.0 else 0)
-            print(f"| {text} | {r['fd_digits']:.2f} | {r['class_accuracy']:.3f} | {r['precision']:.3f} | "
+                r["nfe"] if getattr(s, "cfg_scale", 1.0) != 1.0 else 0)
+            print(f"| {text} | {'EMA' if ema else 'raw'} | {r['fd_digits']:.2f} | {r['class_accuracy']:.3f} | {r['precision']:.3f} | "
                   f"{r['recall']:.3f} | {r['sample_flops_per_image']:.3g} | {r['nfe']} | {uncond} | "
                   f"{r['images_per_s']:.1f} | {1 / r['images_per_s'] * 1e3:.2f} ms |", flush=True)
 

@@ -107,6 +107,11 @@ def save_checkpoint(path: Path, model: dict, ema: dict, optimizer: dict, meta: d
             tensors[f"optim/{idx}/{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     metadata = {"meta": json.dumps(meta), "param_groups": json.dumps(optimizer["param_groups"])}
+    atomic_save_tensors(path, tensors, metadata)
+
+
+def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file written to a temporary name and renamed into place."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

@@ -1,4 +1,4 @@
-"""`isynth` command line: train, sample, eval, flops, compare.
+"""`isynth` command line: train, sample, eval, flops, pairs, compare.
 
 A command picks a preset and overrides fields with `section.field=value` arguments (e.g.
 `model.width=64 sample.cfg_scale=3`). Any bad input ends with one line on stderr and exit status 2.
@@ -62,13 +62,13 @@ def cli():
 @click.argument("paradigm")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory (re-running resumes).")
 @click.option("--dataset", default=None, help="'digits' (default) or a path to an .npz (arr_0 uint8 NHWC, labels).")
-@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b.")
+@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
 @click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @OVERRIDES
 def train(paradigm, out, dataset, preset, steps, flops, quiet, overrides):
-    """Train PARADIGM (ar, rar) into --out."""
+    """Train PARADIGM (ar, rar, maskgit, mdm, mar, ar-cont, diffusion, get) into --out."""
     from isynth.presets import make_run
     from isynth.trainer import train as run_training
 
@@ -146,18 +146,44 @@ def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim
 
 
 @cli.command()
+@click.argument("teacher_run", type=click.Path(path_type=Path))
+@click.option("--num-pairs", type=int, required=True, help="Total pairs wanted in --out (more than it holds appends).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Pair directory (re-running resumes).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per shard file.")
+@click.option("--no-ema", is_flag=True, help="Use the teacher's raw weights instead of its EMA weights.")
+@click.option("--quiet", is_flag=True)
+@OVERRIDES
+def pairs(teacher_run, num_pairs, out, seed, shard_size, no_ema, quiet, overrides):
+    """Generate (noise, image) pairs with TEACHER_RUN's deterministic sampler, for `get` (method.pairs=DIR)."""
+    from isynth.checkpoint import read_config_dict
+    from isynth.pairs import generate_pairs
+    from isynth.runs import run_from_dict
+
+    s = _sampling(run_from_dict(read_config_dict(teacher_run)), overrides, None, None)
+    m = generate_pairs(teacher_run, num_pairs, out, s, seed=seed, shard_size=shard_size, use_ema=not no_ema,
+                       progress=not quiet)
+    click.echo(json.dumps({"out": str(out), "num_pairs": m["num_pairs"], "shards": len(m["shards"]),
+                           "teacher": m["teacher"]["run_dir"], "teacher_step": m["teacher"]["step"],
+                           "sample_flops_per_pair": m["teacher_sample_flops_per_pair"], "nfe": m["nfe"],
+                           "seconds": round(sum(sh["seconds"] for sh in m["shards"]), 2)}))
+
+
+@cli.command()
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for runs, table and grids.")
 @click.option("--paradigms", default=None, help="Comma-separated subset (default: all implemented).")
 @click.option("--preset", default="cpu", show_default=True)
 @click.option("--flops", "train_flops", type=float, default=None, help="Training FLOPs per paradigm (default: the main job's).")
+@click.option("--num-pairs", type=int, default=None, help="Teacher pairs for get (default: 2048).")
 @click.option("--quiet", is_flag=True)
 @OVERRIDES
-def compare(out, paradigms, preset, train_flops, quiet, overrides):
+def compare(out, paradigms, preset, train_flops, num_pairs, quiet, overrides):
     """The main job: train every paradigm on digits at the same training FLOPs, evaluate, tabulate."""
-    from isynth.compare import run_compare
+    from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
 
     names = paradigms.split(",") if paradigms else None
-    run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet)
+    run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet,
+                num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs)
 
 
 # click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.

@@ -16,6 +16,7 @@ import torch
 from isynth.checkpoint import atomic_write_text
 from isynth.errors import IsynthError
 from isynth.eval.run_eval import evaluate_run
+from isynth.pairs import generate_pairs
 from isynth.paradigms import PARADIGMS
 from isynth.presets import make_run
 from isynth.trainer import build, train
@@ -39,15 +40,28 @@ COLUMNS = [  # (header, key, format)
     ("NLL bits/tok", "nll_bits_per_token", "{:.3f}"),
     ("sample FLOPs/img", "sample_flops_per_image", "{:.2e}"),
     ("NFE", "nfe", "{}"),
+    ("teacher FLOPs", "teacher_train_flops", "{:.2e}"),
+    ("pair FLOPs", "pair_flops", "{:.2e}"),
     ("images/s", "images_per_s", "{:.1f}"),
     ("train s", "train_wall_s", "{:.0f}"),
     ("sampling", "sampling_short", "{}"),
 ]
 
 
+_SAMPLING_KEYS = ("sampler", "num_steps", "head_sampler", "head_steps", "fixed_point_iters", "cfg_scale", "cfg_pow",
+                  "cfg_schedule", "cfg_t_min", "cfg_t_max", "temperature", "choice_temperature", "top_k", "top_p",
+                  "kv_cache")
+# The teacher of `get` in the main job: its pairs come from the `diffusion` run trained just before.
+PAIRS_DIR, TEACHER = "get-pairs", "diffusion"
+DEFAULT_NUM_PAIRS = 2048
+
+
 def _short_sampling(s: dict) -> str:
-    keys = [k for k in ("cfg_scale", "cfg_pow", "temperature", "top_k", "top_p", "kv_cache", "num_steps") if k in s]
-    return " ".join(f"{k}={s[k]}" for k in keys)
+    """The sampling settings that matter for a row (defaults that do nothing left out)."""
+    skip = {("cfg_t_min", 0.0), ("cfg_t_max", 1.0), ("top_k", 0), ("top_p", 1.0), ("cfg_pow", 0.0)}
+    if s.get("cfg_scale") == 1.0:
+        skip |= {(k, s.get(k)) for k in ("cfg_schedule", "cfg_t_min", "cfg_t_max", "cfg_pow")}
+    return " ".join(f"{k}={s[k]}" for k in _SAMPLING_KEYS if k in s and (k, s[k]) not in skip)
 
 
 def table(rows: list[dict]) -> str:
@@ -62,36 +76,45 @@ def table(rows: list[dict]) -> str:
 
 
 def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: float | None,
-                overrides: list[str], progress: bool = True) -> list[dict]:
+                overrides: list[str], progress: bool = True, num_pairs: int = DEFAULT_NUM_PAIRS) -> list[dict]:
     names = names or list(PARADIGMS)
     unknown = [n for n in names if n not in PARADIGMS]
     if unknown:
         raise IsynthError(f"unknown paradigm {unknown[0]!r}; choose from {', '.join(PARADIGMS)}")
+    if "get" in names and TEACHER not in names:
+        raise IsynthError(f"get distils the {TEACHER} run's sampler: include {TEACHER} in --paradigms")
+    if num_pairs < 1:
+        raise IsynthError(f"--num-pairs must be >= 1, got {num_pairs}")
+    names = sorted(names, key=list(PARADIGMS).index)  # the teacher trains before its student
     budget = DEFAULT_TRAIN_FLOPS if train_flops is None else train_flops
     if not (budget > 0 and math.isfinite(budget)):
         raise IsynthError(f"--flops must be a finite number > 0, got {budget}")
     budget_args = [f"train.train_flops={budget}", "train.max_steps=none"]
-    runs = {n: make_run(n, preset, [*overrides, *budget_args]) for n in names}  # validate all before any work
-    for run in runs.values():  # data and budget too (e.g. less than one step), before --out is created
-        with torch.device("meta"):  # shapes only, no memory
-            build(run, torch.device("meta"))
     out = Path(out)
+    pairs_dir = out.resolve() / PAIRS_DIR
+    runs = {n: make_run(n, preset, [*overrides, *budget_args, *([f"method.pairs={pairs_dir}"] if n == "get" else [])])
+            for n in names}  # validate all before any work
+    for name, run in runs.items():  # data and budget too (e.g. less than one step), before --out is created
+        with torch.device("meta"):  # shapes only, no memory
+            build(run, torch.device("meta"), check_data=name != "get")  # get's pairs come later
     out.mkdir(parents=True, exist_ok=True)
     rows, t_start = [], time.perf_counter()
     for name, run in runs.items():
+        extra = _teacher_pairs(out, pairs_dir, num_pairs, progress) if name == "get" else {}
         t0 = time.perf_counter()
         train(run, out / name, progress=progress)
         train_wall = time.perf_counter() - t0
         # Without guidance first, then as configured (its samples and metrics.json stay in the run dir).
-        variants = [dataclasses.replace(run.sample, cfg_scale=1.0)] if run.sample.cfg_scale != 1.0 else []
+        guided = getattr(run.sample, "cfg_scale", 1.0) != 1.0  # GET has no guidance
+        variants = [dataclasses.replace(run.sample, cfg_scale=1.0)] if guided else []
         for sampling in variants + [run.sample]:
             t1 = time.perf_counter()
             row = evaluate_run(out / name, sampling=sampling)
             row.update(train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
-                       sampling_short=_short_sampling(row["sampling"]))
+                       sampling_short=_short_sampling(row["sampling"]), **extra)
             rows.append(row)
             if progress:
-                click.echo(f"{name} (cfg {sampling.cfg_scale}): class acc {row['class_accuracy']:.3f}, "
+                click.echo(f"{name} (cfg {getattr(sampling, 'cfg_scale', 1.0)}): class acc {row['class_accuracy']:.3f}, "
                            f"FD-digits {row['fd_digits']:.2f}", err=True)
     summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides,
                "wall_s": time.perf_counter() - t_start, "rows": rows}
@@ -102,3 +125,13 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
     click.echo(md)
     click.echo(f"\nwall time {summary['wall_s']:.0f} s; table, samples and grids in {out}")
     return rows
+
+
+def _teacher_pairs(out: Path, pairs_dir: Path, num_pairs: int, progress: bool) -> dict:
+    """Generate (or resume) get's pairs from the teacher run; the teacher's training and the pairs' sampling
+    are get's cost too (shown in their own columns)."""
+    t0 = time.perf_counter()
+    m = generate_pairs(out / TEACHER, num_pairs, pairs_dir, progress=progress)
+    return {"teacher_train_flops": m["teacher"]["train_flops"],
+            "pair_flops": m["num_pairs"] * m["teacher_sample_flops_per_pair"], "num_pairs": m["num_pairs"],
+            "pairs_wall_s": time.perf_counter() - t0}

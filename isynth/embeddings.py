@@ -40,3 +40,19 @@ def learned_positions(num: int, width: int) -> nn.Parameter:
     p = nn.Parameter(torch.zeros(1, num, width))
     nn.init.trunc_normal_(p, std=0.02)
     return p
+
+
+def sincos_positions(grid: tuple[int, int], width: int) -> Tensor:
+    """Fixed 2-D sine-cosine positions (1, h*w, width) in raster order (MAE, He et al. 2022; GET): half the
+    channels encode the row, half the column, each as sin and cos at geometric frequencies."""
+    if width % 4:
+        raise ValueError(f"sine-cosine positions need a width divisible by 4, got {width}")
+    h, w = grid
+    freqs = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))  # (W/4,)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+
+    def encode(pos: Tensor) -> Tensor:
+        args = pos.reshape(-1, 1) * freqs[None]  # (h*w, W/4)
+        return torch.cat([args.sin(), args.cos()], dim=1)  # (h*w, W/2)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()[None]  # (1, h*w, W)

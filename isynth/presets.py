@@ -24,6 +24,7 @@ def _known(cls: type, values: dict[str, Any]) -> dict[str, Any]:
 
 def _base(p: type[Paradigm], model: ModelConfig, train: TrainConfig, method: dict | None = None,
           **sample) -> RunConfig:
+    model = replace(model, **p.model_defaults)
     return RunConfig(paradigm=p.name, model=model, method=p.Config(**_known(p.Config, method or {})),
                      sample=p.SampleConfig(**_known(p.SampleConfig, sample)), tokenizer=p.default_tokenizer,
                      train=train)
@@ -31,7 +32,7 @@ def _base(p: type[Paradigm], model: ModelConfig, train: TrainConfig, method: dic
 
 # Per-paradigm settings of the small presets: few sampling steps and a small head keep CPU sampling within
 # the main job's budget (the paper settings are in the paper-size presets below).
-_SMALL_METHOD = {"mar": {"num_buffer": 4}, "mdm": {"num_buffer": 4}}
+_SMALL_METHOD = {"mar": {"num_buffer": 4}, "mdm": {"num_buffer": 4}, "get": {"deq_depth": 2, "deq_mlp_ratio": 4.0, "grad_steps": 3}}
 # Encoder-decoder paradigms split the small presets' blocks: encoder and decoder get half each, so every
 # paradigm has the same number of blocks in all (their costs still differ: the MAE encoder is sparse).
 _SPLIT_DEPTH = {"mar", "mdm"}
@@ -42,10 +43,10 @@ def _small_model(p: type[Paradigm], width: int, depth: int, num_heads: int) -> M
 _SMALL_HEAD = {"head_width": 128, "head_depth": 2}
 _TINY_SAMPLING = {"maskgit": {"num_steps": 4}, "mdm": {"num_steps": 4, "head_steps": 4},
                   "mar": {"num_steps": 4, "head_sampler": "dpm++", "head_steps": 4},
-                  "ar-cont": {"head_sampler": "dpm++", "head_steps": 4}}
+                  "ar-cont": {"head_sampler": "dpm++", "head_steps": 4}, "diffusion": {"num_steps": 3}, "get": {"fixed_point_iters": 3}}
 _CPU_SAMPLING = {"maskgit": {"num_steps": 8}, "mdm": {"num_steps": 16, "head_steps": 10},
                  "mar": {"num_steps": 16, "head_sampler": "dpm++", "head_steps": 10},
-                 "ar-cont": {"head_sampler": "dpm++", "head_steps": 10}}
+                 "ar-cont": {"head_sampler": "dpm++", "head_steps": 10}, "diffusion": {"num_steps": 8}}
 
 
 def tiny(p: type[Paradigm]) -> RunConfig:
@@ -145,11 +146,37 @@ def _fluid_size(name: str) -> Callable:
     return preset
 
 
+# GET (seed 000, reference STAT.md): D, heads, injection depth, equilibrium MLP ratio; 3 equilibrium blocks,
+# patch 2 on 32x32 images (CIFAR-10), unconditional; AdamW lr 1e-4, wd 0, constant lr, batch 128, EMA
+# 0.9999, 800k iterations; training solver 0 + 6 unrolled steps, sampling 6 iterations (run.sh).
+_GET_SIZES = {"get-t": (256, 4, 6, 6.0, "8.6M"), "get-m": (384, 6, 6, 6.0, "19.2M"), "get-s": (512, 8, 6, 8.0, "37.2M"),
+              "get-b": (768, 12, 1, 12.0, "62.2M"), "get-b+": (768, 12, 6, 8.0, "83.5M")}
+
+
+def _get_size(name: str) -> Callable:
+    width, heads, depth, ratio, params = _GET_SIZES[name]
+
+    def preset(p: type[Paradigm]) -> RunConfig:
+        model = ModelConfig(width=width, depth=depth, num_heads=heads)
+        train = TrainConfig(batch_size=128, lr=1e-4, min_lr=1e-4, warmup_fraction=0.0, weight_decay=0.0,
+                            beta1=0.9, beta2=0.999, ema_decay=0.9999, max_steps=800_000, log_every=100,
+                            ckpt_every=5_000, eval_num_samples=50_000)
+        run = _base(p, model, train, method={"deq_depth": 3, "deq_mlp_ratio": ratio, "class_cond": False,
+                                             "train_solver_iters": 0, "grad_steps": 6},
+                    fixed_point_iters=6, batch_size=256)
+        return replace(run, tokenizer=replace(run.tokenizer, kind="patch", patch_size=2))
+
+    preset.__doc__ = f"{name.upper()}/2 (seed 000): {depth} injection blocks of {width}, 3 equilibrium blocks, " \
+                     f"MLP ratio {ratio:g}; {params} parameters in the paper."
+    return preset
+
+
 PRESETS: dict[str, Callable[[type[Paradigm]], RunConfig]] = {"tiny": tiny, "cpu": cpu}
 PRESETS.update({name: _rar_size(name) for name in _RAR_SIZES})
 PRESETS.update({name: _mar_size(name) for name in _MAR_SIZES})
 PRESETS.update({name: _emigm_size(name) for name in _EMIGM_SIZES})
 PRESETS.update({name: _fluid_size(name) for name in _FLUID_SIZES})
+PRESETS.update({name: _get_size(name) for name in _GET_SIZES})
 
 
 def make_run(paradigm: str, preset: str = "cpu", overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:

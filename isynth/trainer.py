@@ -90,10 +90,14 @@ class Setup:
     flops_per_sample: int
 
 
-def build(run: RunConfig, device: torch.device | None = None) -> Setup:
+def build(run: RunConfig, device: torch.device | None = None, check_data: bool = True) -> Setup:
+    """Dataset, model and budget of `run`; check_data=False skips the paradigm's own training-data checks
+    (compare validates GET before its teacher's pairs exist)."""
     dataset = load_dataset(run.data)
     tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape)
     model = build_paradigm(run, tokenizer, dataset.num_classes).to(device or default_device())
+    if check_data:
+        model.validate_training(dataset)
     fps = model.train_flops_per_sample()
     return Setup(run, dataset, model, total_steps_for(run.train, fps), fps)
 
@@ -170,8 +174,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     if world > 1:  # one measurement, not several processes competing for the same cores
         dist.broadcast_object_list(peak_box, src=0)
     peak, peak_how = peak_box[0]
-    tokens_all = model.tokenizer.encode(torch.from_numpy(s.dataset.train_images)).to(device)  # (N, T)
-    labels_all = torch.from_numpy(s.dataset.train_labels).to(device)
+    tokens_all, labels_all = (t.to(device) for t in model.training_data(s.dataset))  # (N, T[, D]), (N,)
     order = BatchOrder(len(labels_all), cfg.batch_size, cfg.seed)
     amp = autocast_for(device)
     model_params = [p for p in model.state_dict().values() if p.is_floating_point()]

@@ -20,3 +20,24 @@ def _deterministic():
 def shared_cache() -> Path:
     """The session's ISYNTH_CACHE (set above): the feature net is trained once for every CLI test."""
     return Path(os.environ["ISYNTH_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A tiny `diffusion` run (20 steps, seconds): the pair teacher of the GET tests."""
+    from isynth.presets import make_run
+    from isynth.trainer import train
+
+    out = tmp_path_factory.mktemp("teacher") / "diffusion"
+    torch.manual_seed(0)
+    return train(make_run("diffusion", "tiny"), out, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tiny_teacher, tmp_path_factory) -> Path:
+    """160 teacher pairs of the tiny teacher, in shards of 64 (the last one partial)."""
+    from isynth.pairs import generate_pairs
+
+    out = tmp_path_factory.mktemp("pairs") / "pairs"
+    generate_pairs(tiny_teacher, 160, out, shard_size=64, progress=False)
+    return out

@@ -435,7 +435,37 @@ def _(d, runs):
     return Case(["flops", "ar", "--preset", "tiny", "--seq-len", "0"], ("--seq-len",), [d], cwd=d)
 
 
+# pairs and get -------------------------------------------------------------------------------------
+
+@case("pairs-teacher-not-diffusion")
+def _(d, runs):
+    return Case(["pairs", runs["a"], "--num-pairs", "10", "--out", d / "p"], ("'ar' run", "'diffusion'"), [d, runs["a"]])
+
+
+@case("pairs-zero")
+def _(d, runs):
+    return Case(["pairs", runs["a"], "--num-pairs", "0", "--out", d / "p"], ("--num-pairs", "0"), [d, runs["a"]])
+
+
+@case("pairs-teacher-not-a-run")
+def _(d, runs):
+    return Case(["pairs", d, "--num-pairs", "5", "--out", d / "p"], ("not an isynth run directory",), [d])
+
+
+@case("get-without-pairs")
+def _(d, runs):
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY], ("method.pairs", "isynth pairs"), [d])
+
+
+@case("get-pairs-missing")
+def _(d, runs):
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
+                ("not a pair directory",), [d])
+
+
 _COMPARE_BAD = {
+    "get-without-teacher": (["--paradigms", "ar,get"], ["include diffusion"]),
+    "num-pairs-zero": (["--num-pairs", "0"], ["--num-pairs"]),
     "unknown-paradigm": (["--paradigms", "nope"], ["unknown paradigm", "nope"]),
     "one-unknown-paradigm": (["--paradigms", "ar,nope"], ["nope"]),
     "unknown-preset": (["--preset", "huge"], ["unknown preset"]),
@@ -563,25 +593,30 @@ def test_flops(tmp_path):
 
 def test_compare_tiny(tmp_path):
     out = tmp_path / "cmp"
-    result = ok(run_cli("compare", "--out", out, "--preset", "tiny", "--flops", "2e9", "--quiet"))
+    result = ok(run_cli("compare", "--out", out, "--preset", "tiny", "--flops", "2e9", "--num-pairs", "96", "--quiet"))
     summary = json.loads((out / "results.json").read_text())
+    guided = [p for p in PARADIGMS if p != "get"]  # get has no guidance: one row
     names = [r["paradigm"] for r in summary["rows"]]
-    assert names == [n for p in PARADIGMS for n in (p, p)]  # without guidance, then with the preset's g = 2
-    assert [r["sampling"]["cfg_scale"] for r in summary["rows"]] == [1.0, 2.0] * len(PARADIGMS)
+    assert names == [n for p in guided for n in (p, p)] + ["get"]  # without guidance, then the preset's g = 2
+    assert [r["sampling"].get("cfg_scale") for r in summary["rows"]] == [1.0, 2.0] * len(guided) + [None]
     assert summary["train_flops_budget"] == 2e9
     for row in summary["rows"]:
         assert 0 < row["train_flops"] <= 2e9 and row["step"] >= 1
         assert (out / row["paradigm"] / "samples.png").is_file()
+    get = summary["rows"][-1]
+    teacher = json.loads((out / "diffusion" / "metrics.json").read_text())
+    assert get["teacher_train_flops"] == teacher["train_flops"] and get["num_pairs"] == 96
+    assert get["pair_flops"] == 96 * json.loads((out / "get-pairs" / "pairs.json").read_text())["teacher_sample_flops_per_pair"]
     md = (out / "results.md").read_text()
     for name in PARADIGMS:
-        assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 2, md
+        assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == (1 if name == "get" else 2), md
     assert "| ar |" in result.stdout
 
 
 # --- help -------------------------------------------------------------------------------------------
 
 def test_help():
-    commands = [[], ["train"], ["sample"], ["eval"], ["flops"], ["compare"]]
+    commands = [[], ["train"], ["sample"], ["eval"], ["flops"], ["pairs"], ["compare"]]
     results = run_many([(*c, flag) for c in commands for flag in ("--help", "-h")])
     for c, (long, short) in zip(commands, zip(results[::2], results[1::2])):
         assert "Usage: isynth" in ok(long).stdout, c

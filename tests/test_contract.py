@@ -26,9 +26,8 @@ class ParadigmContract:
         return build(make_run(cls.paradigm, "tiny", list(cls.overrides)), torch.device("cpu"))
 
     def _batch(self, setup):
-        ds, model = setup.dataset, setup.model
-        tokens = model.tokenizer.encode(torch.from_numpy(ds.train_images[: self.batch]))
-        return tokens, torch.from_numpy(ds.train_labels[: self.batch])
+        inputs, labels = setup.model.training_data(setup.dataset)  # tokens, or GET's (noise, image) pairs
+        return inputs[: self.batch], labels[: self.batch]
 
     def test_loss_is_finite_and_backpropagates(self, setup):
         model = setup.model.train()
@@ -177,3 +176,40 @@ class TestMARPatches(ParadigmContract):
     paradigm = "mar"
     overrides = ("tokenizer.patch_size=2", "method.num_buffer=2")
     sampling_variants = MASKED_SAMPLING[1:2]
+
+
+DIFFUSION_SAMPLING = ({"sampler": "euler", "cfg_scale": 1.0}, {"sampler": "heun", "cfg_scale": 2.0},
+                      {"sampler": "heun", "num_steps": 5, "cfg_scale": 3.0, "cfg_t_min": 0.3, "cfg_t_max": 0.8},
+                      {"sampler": "euler", "shift": 3.0, "cfg_scale": 2.0, "cfg_t_min": 0.5})
+
+
+class TestDiffusion(ParadigmContract):
+    paradigm = "diffusion"
+    sampling_variants = DIFFUSION_SAMPLING
+
+
+class TestDiffusionPatchesUniform(ParadigmContract):
+    paradigm = "diffusion"
+    overrides = ("tokenizer.patch_size=2", "method.time_sampling=uniform")
+    sampling_variants = DIFFUSION_SAMPLING[:2]
+
+
+class _GETContract(ParadigmContract):
+    paradigm = "get"
+    sampling_variants = ({"fixed_point_iters": 1}, {"fixed_point_iters": 3}, {"fixed_point_iters": 6})
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def setup(cls, tiny_pairs):
+        torch.manual_seed(0)
+        return build(make_run(cls.paradigm, "tiny", [f"method.pairs={tiny_pairs}", *cls.overrides]),
+                     torch.device("cpu"))
+
+
+class TestGET(_GETContract):
+    pass
+
+
+class TestGETSolverItersNoCorrection(_GETContract):
+    overrides = ("method.train_solver_iters=2", "method.grad_steps=2", "method.fp_correction=false",
+                 "method.class_cond=false", "method.loss=l2")

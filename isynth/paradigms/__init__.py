@@ -5,13 +5,15 @@ from isynth.config import RunConfig
 from isynth.errors import IsynthError
 from isynth.paradigms.ar import AR, ARCont
 from isynth.paradigms.base import Paradigm
+from isynth.paradigms.diffusion import Diffusion
+from isynth.paradigms.get import GET
 from isynth.paradigms.mar import MAR
 from isynth.paradigms.maskgit import MaskGIT
 from isynth.paradigms.mdm import MDM
 from isynth.paradigms.rar import RAR
 from isynth.tokenizers import Tokenizer
 
-PARADIGMS: dict[str, type[Paradigm]] = {cls.name: cls for cls in (AR, RAR, MaskGIT, MDM, MAR, ARCont)}
+PARADIGMS: dict[str, type[Paradigm]] = {cls.name: cls for cls in (AR, RAR, MaskGIT, MDM, MAR, ARCont, Diffusion, GET)}
 
 
 def paradigm_class(name: str) -> type[Paradigm]:

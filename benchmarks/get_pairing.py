@@ -1,0 +1,75 @@
+"""GET's learnability claim (seed 000): a one-step student learns the teacher's (noise, image) pairing, but
+not a random re-pairing of the same noise and images -- "the learnability of pairing measures its quality".
+
+    python benchmarks/get_pairing.py --pairs runs/compare/get-pairs --out runs/get-pairing --steps 600
+
+Trains `get` twice with the same config, seed and steps: on the true pairs and with method.shuffle_pairs=true
+(the images, with their labels, permuted against the noise), then prints the training loss of both over
+the same steps and writes the two curves to OUT/loss.svg. The claim holds if the shuffled loss stays flat
+while the true-pair loss falls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from isynth.presets import make_run
+from isynth.trainer import train
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+
+
+def svg(curves: dict[str, list[tuple[int, float]]], path: Path, w: int = 640, h: int = 360, pad: int = 50) -> None:
+    """A dependency-free line plot (loss vs step) of several curves."""
+    steps = [s for c in curves.values() for s, _ in c]
+    vals = [v for c in curves.values() for _, v in c]
+    x0, x1, y0, y1 = min(steps), max(steps), 0.0, max(vals) * 1.05
+    sx = lambda s: pad + (s - x0) / max(1, x1 - x0) * (w - 2 * pad)  # noqa: E731
+    sy = lambda v: h - pad - (v - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
+    colours = ["#1f77b4", "#d62728", "#2ca02c"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{w}" height="{h}" fill="white"/>',
+             f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
+             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
+             f'<text x="{w / 2}" y="{h - 12}" text-anchor="middle">training step</text>',
+             f'<text x="14" y="{h / 2}" transform="rotate(-90 14 {h / 2})" text-anchor="middle">training loss</text>']
+    for frac in (0.0, 0.5, 1.0):
+        v, s = y0 + frac * (y1 - y0), x0 + frac * (x1 - x0)
+        parts.append(f'<text x="{pad - 6}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3f}</text>')
+        parts.append(f'<text x="{sx(s):.1f}" y="{h - pad + 16}" text-anchor="middle">{s:.0f}</text>')
+    for i, (name, c) in enumerate(curves.items()):
+        pts = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in c)
+        parts.append(f'<polyline fill="none" stroke="{colours[i % 3]}" stroke-width="2" points="{pts}"/>')
+        parts.append(f'<text x="{w - pad - 150}" y="{pad + 16 * i}" fill="{colours[i % 3]}">{name}</text>')
+    path.write_text("\n".join(parts + ["</svg>"]) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", required=True, type=Path, help="pair directory from `isynth pairs`")
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("overrides", nargs="*", help="section.field=value for both runs")
+    args = ap.parse_args()
+    base = [f"method.pairs={args.pairs.resolve()}", f"train.max_steps={args.steps}", "train.train_flops=none",
+            *args.overrides]
+    curves = {}
+    for name, shuffle in (("true pairs", False), ("shuffled pairs", True)):
+        run = make_run("get", args.preset, [*base, f"method.shuffle_pairs={str(shuffle).lower()}"])
+        run_dir = train(run, args.out / ("shuffled" if shuffle else "true"), progress=False)
+        curves[name] = losses(run_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    svg(curves, args.out / "loss.svg")
+    (t_first, t_last), (s_first, s_last) = ((c[0][1], c[-1][1]) for c in curves.values())
+    print("| pairs | loss at first log | final loss | final / first |\n|---|---|---|---|")
+    for name, c in curves.items():
+        print(f"| {name} | {c[0][1]:.4f} (step {c[0][0]}) | {c[-1][1]:.4f} (step {c[-1][0]}) | {c[-1][1] / c[0][1]:.3f} |")
+    print(f"\ncurves: {args.out / 'loss.svg'}")
+
+
+if __name__ == "__main__":
+    main()

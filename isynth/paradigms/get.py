@@ -1,0 +1,187 @@
+"""GET, the Generative Equilibrium Transformer (`get`; Geng et al. 2023, seed 000; SPEC 1.7).
+
+A one-step generator distilled from a teacher's (noise, image) pairs (`isynth pairs`). The noise image's
+tokens are embedded with fixed sine-cosine positions and run through an injection transformer (the
+shared backbone, the class embedding added into every block's qkv); a bias-free linear map turns its
+output into one injection u_l per equilibrium block, added (with the class) to that block's qkv. The equilibrium
+transformer f(z) = blocks(z; u) (wide MLPs) is solved for z* = f(z*) by fixed-point iteration from z = 0
+with `torchdeq`: training runs `train_solver_iters` iterations without gradient, then `grad_steps`
+unrolled iterations with gradient (phantom gradient, Geng et al. 2021), and the L1 loss to the teacher
+image is applied to every unrolled state with TorchDEQ's exponential weights (fixed-point correction).
+Sampling is one pass: the injection once, `fixed_point_iters` iterations, the output layer once.
+
+The blocks are residual and un-normalised (reference: `--norm_type none`), so f need not be contractive:
+on trained models the state z grows by a near-constant step per iteration while its direction, and so the
+LayerNorm-ed output, converges (relative residual ~ 1/k; tests/test_get.py measures both).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from isynth.backbone import Transformer
+from isynth.config import RunConfig, TokenizerConfig, check
+from isynth.embeddings import sincos_positions
+from isynth.errors import IsynthError
+from isynth.paradigms.base import Paradigm
+from isynth.tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class GETConfig:
+    pairs: str | None = None        # pair directory from `isynth pairs` (required to train)
+    shuffle_pairs: bool = False     # control (seed 000 sec. 5): re-pair noise and images at random
+    shuffle_seed: int = 0
+    class_cond: bool = True         # class embedding added into the injection blocks' qkv
+    deq_depth: int = 3              # equilibrium blocks (GET: 3)
+    deq_mlp_ratio: float = 6.0      # their MLP ratio (GET: 6-16)
+    train_solver_iters: int = 0     # fixed-point iterations without gradient before the unrolled ones (run.sh: 0)
+    grad_steps: int = 6             # unrolled phantom-gradient iterations (run.sh: --grad 6)
+    fp_correction: bool = True      # loss on every unrolled state (TorchDEQ 'exp' weights), else the last only
+    loss: Literal["l1", "l2"] = "l1"
+
+    def __post_init__(self):
+        check(self.deq_depth >= 1, "method.deq_depth must be >= 1")
+        check(self.deq_mlp_ratio > 0, "method.deq_mlp_ratio must be > 0")
+        check(self.train_solver_iters >= 0, "method.train_solver_iters must be >= 0")
+        check(self.grad_steps >= 1, "method.grad_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class GETSampleConfig:
+    fixed_point_iters: int = 6      # solver iterations in the one sampling pass (GET eval: 6)
+    batch_size: int = 256
+
+    def __post_init__(self):
+        check(self.fixed_point_iters >= 1, "sample.fixed_point_iters must be >= 1")
+        check(self.batch_size > 0, "sample.batch_size must be > 0")
+
+
+class GET(Paradigm):
+    name = "get"
+    Config = GETConfig
+    SampleConfig = GETSampleConfig
+    discrete = False
+    default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
+
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+        super().__init__(run, tokenizer, num_classes)
+        if run.model.adaln:
+            raise IsynthError("get conditions through qkv, not adaLN: set model.adaln=false")
+        from torchdeq import get_deq  # the GET authors' DEQ library
+
+        m, c, d = run.method, run.model.width, tokenizer.token_dim
+        self.token_dim = d
+        self.in_proj = nn.Linear(d, c)
+        self.register_buffer("pos", sincos_positions(tokenizer.grid, c), persistent=False)
+        self.class_qkv = nn.Embedding(num_classes, 3 * c) if m.class_cond else None
+        self.injection = Transformer(run.model)
+        self.qkv_inj = nn.Linear(c, 3 * c * m.deq_depth, bias=False)
+        self.equilibrium = Transformer(dataclasses.replace(run.model, depth=m.deq_depth, mlp_ratio=m.deq_mlp_ratio))
+        self.out_proj = nn.Linear(c, d)
+        # The reference zero-initialises this layer (as DiT); at laptop scale that slowed learning ~10x in
+        # our runs (L1 0.28 vs 0.02 after 300 tiny steps), so it keeps PyTorch's default initialisation.
+        # f_tol=0: every solve runs its full iteration count, so the cost is the one accounted for.
+        self.deq = get_deq(f_solver="fixed_point_iter", f_max_iter=m.train_solver_iters, f_tol=0.0,
+                           grad=m.grad_steps, sup_gap=1 if m.fp_correction else -1,
+                           eval_f_max_iter=run.sample.fixed_point_iters)
+        self.last_solver_info: dict = {}
+
+    # --- data ---------------------------------------------------------------------------------------
+    def validate_training(self, dataset) -> None:
+        from isynth.pairs import check_pairs_fit, read_manifest
+
+        if self.run.method.pairs is None:
+            raise IsynthError("get trains on teacher pairs: set method.pairs=DIR (make them with "
+                              "`isynth pairs TEACHER_RUN --num-pairs N --out DIR`)")
+        check_pairs_fit(read_manifest(self.run.method.pairs), self.run.method.pairs, self.seq_len, self.token_dim,
+                        dataset.image_shape)
+
+    def training_data(self, dataset) -> tuple[Tensor, Tensor]:
+        """(noise ++ target (P, N, 2D), labels (P,)); with shuffle_pairs the images (and their labels) are
+        permuted against the noise, which destroys the teacher's pairing but keeps both marginals."""
+        from isynth.pairs import load_pairs
+
+        self.validate_training(dataset)
+        p = load_pairs(self.run.method.pairs)
+        target, labels = p.target, p.labels
+        if self.run.method.shuffle_pairs:
+            perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.run.method.shuffle_seed))
+            target, labels = target[perm], labels[perm]
+        return torch.cat([p.noise, target], dim=-1), labels
+
+    # --- network ------------------------------------------------------------------------------------
+    def _injections(self, noise: Tensor, labels: Tensor) -> list[Tensor]:
+        """noise (B, N, D) -> per-equilibrium-block qkv injections, each (B, N, 3C)."""
+        cls = self.class_qkv(labels)[:, None] if self.class_qkv is not None else None  # (B, 1, 3C)
+        h = self.injection(self.in_proj(noise) + self.pos, qkv_add=cls)
+        u = self.qkv_inj(h).chunk(self.run.method.deq_depth, dim=-1)
+        return [ui + cls for ui in u] if cls is not None else list(u)  # the class enters every qkv (reference)
+
+    def _solve(self, noise: Tensor, labels: Tensor, iters: int | None = None) -> list[Tensor]:
+        """Equilibrium states (B, N, C): every unrolled state in training, [z*] in eval mode."""
+        u = self._injections(noise, labels)
+        f = lambda z: self.equilibrium(z, qkv_add=u, final_norm=False)  # noqa: E731
+        z0 = torch.zeros(noise.shape[0], self.seq_len, self.run.model.width, device=noise.device, dtype=u[0].dtype)
+        kwargs = {} if iters is None else {"solver_kwargs": {"f_max_iter": iters}}
+        states, info = self.deq(f, z0, **kwargs)
+        self.last_solver_info = info
+        return states
+
+    def _output(self, z: Tensor) -> Tensor:
+        return self.out_proj(self.equilibrium.final(z))  # (B, N, D)
+
+    def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
+        from torchdeq.loss import fp_correction
+
+        noise, target = tokens.float().split(self.token_dim, dim=-1)  # 2 x (B, N, D)
+        preds = [self._output(z).float() for z in self._solve(noise, labels)]
+        crit = (lambda a, b: (a - b).abs().mean()) if self.run.method.loss == "l1" else \
+            (lambda a, b: (a - b).pow(2).mean())
+        return fp_correction(crit, (preds, target))
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampling: GETSampleConfig | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(labels.shape[0], self.seq_len, self.token_dim, generator=generator, device=labels.device)
+        return self.sample_from(noise, labels, sampling)
+
+    @torch.no_grad()
+    def sample_from(self, noise: Tensor, labels: Tensor, sampling: GETSampleConfig | None = None) -> Tensor:
+        s = self.sampling_or_default(sampling)
+        was_training = self.training
+        self.eval()
+        try:
+            (z,) = self._solve(noise.float(), labels, iters=s.fixed_point_iters)
+        finally:
+            self.train(was_training)
+        return self._output(z).float()
+
+    # --- compute accounting (SPEC 2) ------------------------------------------------------------------
+    def _flops(self, iters_no_grad: int, iters_grad: int, outputs: int) -> int:
+        """Injection once, solver iterations without and with gradient, the output layer `outputs` times."""
+        n, d, c, m = self.seq_len, self.token_dim, self.run.model.width, self.run.method
+        train = iters_grad > 0
+        in_proj, inj_lin, out = 2 * n * d * c, 2 * n * c * 3 * c * m.deq_depth, 2 * n * c * d
+        eq_fwd = self.equilibrium.flops(n, final=False)
+        total = self.injection.flops(n, train=train) + iters_no_grad * eq_fwd
+        if not train:
+            return total + in_proj + inj_lin + outputs * out
+        # The first unrolled iteration starts from a detached state: its first qkv matmul has no input grad.
+        first_qkv_input_grad = 2 * n * c * 3 * c
+        eq_train = iters_grad * self.equilibrium.flops(n, train=True, final=False) - first_qkv_input_grad
+        return total + 2 * in_proj + 3 * inj_lin + eq_train + outputs * 3 * out
+
+    def train_flops_per_sample(self) -> int:
+        m = self.run.method
+        return self._flops(m.train_solver_iters, m.grad_steps, m.grad_steps if m.fp_correction else 1)
+
+    def sample_flops(self, sampling: GETSampleConfig | None = None) -> int:
+        return self._flops(self.sampling_or_default(sampling).fixed_point_iters, 0, 1)
+
+    def num_network_evals(self, sampling: GETSampleConfig | None = None) -> int:
+        return 1  # one pass; its fixed-point iterations are in sample_flops
