@@ -21,10 +21,9 @@ from isynth.paradigms import PARADIGMS
 from isynth.presets import make_run
 from isynth.trainer import build, train
 
-# Training FLOPs per paradigm in the default main job: 353 steps of the `cpu` preset, ~100 s on 2 cores.
-# At 1e13 (235 steps) RAR's random-order first half left its result seed-sensitive (class accuracy
-# 0.63-0.93 over seeds); at 1.5e13 three seeds agree (BENCHMARKS.md).
-DEFAULT_TRAIN_FLOPS = 1.5e13
+# Training FLOPs per paradigm in the default main job: ~280 steps of `ar` at batch 64, ~45-55 s per paradigm
+# on 2 cores, so all eight paradigms, their evaluations and GET's pairs fit in 10 minutes (BENCHMARKS.md).
+DEFAULT_TRAIN_FLOPS = 6e12
 
 COLUMNS = [  # (header, key, format)
     ("paradigm", "paradigm", "{}"),
@@ -56,9 +55,11 @@ PAIRS_DIR, TEACHER = "get-pairs", "diffusion"
 DEFAULT_NUM_PAIRS = 2048
 
 
-def _short_sampling(s: dict) -> str:
+def _short_sampling(s: dict, discrete: bool) -> str:
     """The sampling settings that matter for a row (defaults that do nothing left out)."""
     skip = {("cfg_t_min", 0.0), ("cfg_t_max", 1.0), ("top_k", 0), ("top_p", 1.0), ("cfg_pow", 0.0)}
+    if discrete:  # no diffusion head
+        skip |= {(k, s.get(k)) for k in ("head_sampler", "head_steps")}
     if s.get("cfg_scale") == 1.0:
         skip |= {(k, s.get(k)) for k in ("cfg_schedule", "cfg_t_min", "cfg_t_max", "cfg_pow")}
     return " ".join(f"{k}={s[k]}" for k in _SAMPLING_KEYS if k in s and (k, s[k]) not in skip)
@@ -111,7 +112,7 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
             t1 = time.perf_counter()
             row = evaluate_run(out / name, sampling=sampling)
             row.update(train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
-                       sampling_short=_short_sampling(row["sampling"]), **extra)
+                       sampling_short=_short_sampling(row["sampling"], run.tokenizer.kind == "grey"), **extra)
             rows.append(row)
             if progress:
                 click.echo(f"{name} (cfg {getattr(sampling, 'cfg_scale', 1.0)}): class acc {row['class_accuracy']:.3f}, "
