@@ -90,7 +90,7 @@ def test_quick_start_is_two_make_commands():
 
 def test_command_line_block_runs_at_tiny_budget(tmp_path):
     lines = [c for c in commands(fenced(section("Command line"), "bash")) if c.startswith("isynth ")]
-    assert [shlex.split(c)[1] for c in lines] == ["train", "sample", "eval", "flops", "compare"], lines
+    assert [shlex.split(c)[1] for c in lines] == ["train", "sample", "eval", "flops", "train", "pairs", "train", "compare"], lines
     exe = isynth_executable()
     outputs = []
     for line in lines:
@@ -121,6 +121,9 @@ def test_command_line_block_runs_at_tiny_budget(tmp_path):
         assert (rar / name).is_file(), name
     flops = json.loads(outputs[3])
     assert abs(flops["params"] - 261e6) / 261e6 < 0.02
+    pairs = json.loads((tmp_path / "runs" / "pairs" / "pairs.json").read_text())  # the GET lines
+    assert pairs["num_pairs"] == 2048 and pairs["teacher"]["paradigm"] == "diffusion"
+    assert (tmp_path / "runs" / "get" / "checkpoint.safetensors").is_file()
     compare = tmp_path / "runs" / "compare"
     rows = json.loads((compare / "results.json").read_text())["rows"]
     # without, then with guidance (get has none: one row)
