@@ -85,14 +85,19 @@ def remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def read_json(path: Path, what: str):
+    """The parsed JSON file at `path`, or one IsynthError naming it as an unreadable `what`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise IsynthError(f"{path}: unreadable {what} ({e})") from None
+
+
 def read_config_dict(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
         raise IsynthError(f"{run_dir} is not an isynth run directory (no {CONFIG})")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise IsynthError(f"{path}: unreadable config ({e})") from None
+    data = read_json(path, "config")
     if not isinstance(data, dict) or "paradigm" not in data:
         raise IsynthError(f"{path}: not an isynth config")
     return data

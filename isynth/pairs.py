@@ -25,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from isynth.checkpoint import CHECKPOINT, atomic_save_tensors, atomic_write_text
+from isynth.checkpoint import CHECKPOINT, atomic_save_tensors, atomic_write_text, read_json
 from isynth.errors import IsynthError
 
 MANIFEST = "pairs.json"
@@ -126,10 +126,7 @@ def read_manifest(pairs_dir: Path) -> dict:
     path = Path(pairs_dir) / MANIFEST
     if not path.is_file():
         raise IsynthError(f"{pairs_dir} is not a pair directory (no {MANIFEST}); make one with `isynth pairs`")
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise IsynthError(f"{path}: unreadable pair manifest ({type(e).__name__})") from None
+    manifest = read_json(path, "pair manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IsynthError(f"{path}: not an isynth pair manifest (format {FORMAT})")
     if manifest.get("num_pairs", 0) < 1:

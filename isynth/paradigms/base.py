@@ -82,3 +82,17 @@ class Paradigm(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class FromNoise:
+    """Mixin for paradigms whose sample is a deterministic function of Gaussian noise on the token grid
+    (`diffusion`'s ODE, GET's one pass); `isynth pairs` stores that noise with the image it maps to."""
+
+    @torch.no_grad()
+    def sample(self, labels: Tensor, sampling=None, generator: torch.Generator | None = None) -> Tensor:
+        noise = torch.randn(labels.shape[0], self.seq_len, self.token_dim, generator=generator, device=labels.device)
+        return self.sample_from(noise, labels, sampling)
+
+    def sample_from(self, noise: Tensor, labels: Tensor, sampling=None) -> Tensor:
+        """noise (B, N, D) -> tokens (B, N, D)."""
+        raise NotImplementedError

@@ -24,7 +24,7 @@ from isynth.diffhead import FREQ_DIM, timestep_features
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.errors import IsynthError
 from isynth.guidance import guide
-from isynth.paradigms.base import Paradigm
+from isynth.paradigms.base import FromNoise, Paradigm
 from isynth.tokenizers import Tokenizer
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' flow schedulers name times t * 1000; the time features use that scale
@@ -88,7 +88,7 @@ def ode_solve(velocity, x: Tensor, sampling: DiffusionSampleConfig) -> Tensor:
     return x
 
 
-class Diffusion(Paradigm):
+class Diffusion(FromNoise, Paradigm):
     name = "diffusion"
     Config = DiffusionConfig
     SampleConfig = DiffusionSampleConfig
@@ -129,12 +129,6 @@ class Diffusion(Paradigm):
         eps = torch.randn_like(x0)
         xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         return F.mse_loss(self.velocity(xt, t, labels).float(), eps - x0)
-
-    @torch.no_grad()
-    def sample(self, labels: Tensor, sampling: DiffusionSampleConfig | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(labels.shape[0], self.seq_len, self.token_dim, generator=generator, device=labels.device)
-        return self.sample_from(noise, labels, sampling)
 
     @torch.no_grad()
     def sample_from(self, noise: Tensor, labels: Tensor, sampling: DiffusionSampleConfig | None = None) -> Tensor:

@@ -27,7 +27,7 @@ from isynth.backbone import Transformer
 from isynth.config import RunConfig, TokenizerConfig, check
 from isynth.embeddings import sincos_positions
 from isynth.errors import IsynthError
-from isynth.paradigms.base import Paradigm
+from isynth.paradigms.base import FromNoise, Paradigm
 from isynth.tokenizers import Tokenizer
 
 
@@ -61,7 +61,7 @@ class GETSampleConfig:
         check(self.batch_size > 0, "sample.batch_size must be > 0")
 
 
-class GET(Paradigm):
+class GET(FromNoise, Paradigm):
     name = "get"
     Config = GETConfig
     SampleConfig = GETSampleConfig
@@ -143,12 +143,6 @@ class GET(Paradigm):
         crit = (lambda a, b: (a - b).abs().mean()) if self.run.method.loss == "l1" else \
             (lambda a, b: (a - b).pow(2).mean())
         return fp_correction(crit, (preds, target))
-
-    @torch.no_grad()
-    def sample(self, labels: Tensor, sampling: GETSampleConfig | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        noise = torch.randn(labels.shape[0], self.seq_len, self.token_dim, generator=generator, device=labels.device)
-        return self.sample_from(noise, labels, sampling)
 
     @torch.no_grad()
     def sample_from(self, noise: Tensor, labels: Tensor, sampling: GETSampleConfig | None = None) -> Tensor:
