@@ -28,9 +28,19 @@ compare: $(STAMP)  ## the main job: every paradigm on digits at equal training F
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP)  ## CPU benchmarks of BENCHMARKS.md (the sweeps read the main job's runs)
 	$(PY) benchmarks/kv_cache.py
 	$(PY) benchmarks/train_mfu.py
+	test -f runs/compare/results.json || $(VENV)/bin/isynth compare --out runs/compare
+	$(PY) benchmarks/sampling_sweep.py runs/compare/mar --variant "head_sampler=ddpm head_steps=100" \
+		--variant "head_sampler=dpm++ head_steps=8" --variant "head_sampler=dpm++ head_steps=14"
+	$(PY) benchmarks/sampling_sweep.py runs/compare/mdm --variant "cfg_scale=2" \
+		--variant "cfg_scale=2 cfg_t_min=0.1 cfg_t_max=0.3" --variant "cfg_scale=2 cfg_t_min=0.2 cfg_t_max=0.6"
+	$(PY) benchmarks/sampling_sweep.py runs/compare/diffusion --weights both $(foreach n,4 8 16 32 64,--variant "sampler=euler num_steps=$(n)") \
+		$(foreach n,2 4 8 16 32,--variant "sampler=heun num_steps=$(n)")
+	$(PY) benchmarks/sampling_sweep.py runs/compare/get $(foreach n,1 2 3 6 12,--variant "fixed_point_iters=$(n)")
+	$(VENV)/bin/isynth pairs runs/compare/diffusion --num-pairs 16384 --out runs/pairs16k --quiet
+	$(PY) benchmarks/get_pairing.py --pairs runs/pairs16k --out runs/get-pairing --steps 465
 
 clean:
 	rm -rf $(VENV) runs

@@ -65,14 +65,20 @@ def cli():
 @click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
 @click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
+@click.option("--shuffle-pairs", is_flag=True,
+              help="get only: train on randomly re-paired (noise, image) pairs, the control of GET's claim.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @OVERRIDES
-def train(paradigm, out, dataset, preset, steps, flops, quiet, overrides):
+def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, overrides):
     """Train PARADIGM (ar, rar, maskgit, mdm, mar, ar-cont, diffusion, get) into --out."""
     from isynth.presets import make_run
     from isynth.trainer import train as run_training
 
-    run = make_run(paradigm, preset, [*_dataset_overrides(dataset), *_budget_overrides(steps, flops), *overrides])
+    if shuffle_pairs and paradigm != "get":
+        raise IsynthError(f"--shuffle-pairs is a control for get's teacher pairs; {paradigm!r} has none")
+    shuffle = ["method.shuffle_pairs=true"] if shuffle_pairs else []
+    run = make_run(paradigm, preset, [*_dataset_overrides(dataset), *_budget_overrides(steps, flops), *shuffle,
+                                      *overrides])
     run_training(run, out, progress=not quiet)
     if not quiet:
         click.echo(f"trained {paradigm} -> {out}")

@@ -457,6 +457,11 @@ def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY], ("method.pairs", "isynth pairs"), [d])
 
 
+@case("shuffle-pairs-not-get")
+def _(d, runs):
+    return Case(["train", "ar", "--out", d / "run", *TRAIN_TINY, "--shuffle-pairs"], ("--shuffle-pairs", "'ar'"), [d])
+
+
 @case("get-pairs-missing")
 def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
