@@ -45,6 +45,8 @@ def _sampling(run, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache
     parsed = {k.removeprefix("sample."): v for k, v in parse_overrides(items).items()}
     s = with_overrides(run.sample, parsed, prefix="sample.")
     if cfg_scale is not None:
+        if not hasattr(s, "cfg_scale"):
+            raise IsynthError(f"paradigm {run.paradigm!r} has no guidance (--cfg-scale)")
         s = dataclasses.replace(s, cfg_scale=cfg_scale)
     if kv_cache is not None:
         if not hasattr(s, "kv_cache"):

@@ -38,8 +38,9 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
         model = build_paradigm(run, tokenizer, classes)
     s = run.sample
     variants = {}
-    for name, change in {"as_configured": {}, "no_cfg": {"cfg_scale": 1.0}}.items():
-        variants[name] = model.sample_flops(dataclasses.replace(s, **change))
+    variants["as_configured"] = model.sample_flops(s)
+    if hasattr(s, "cfg_scale"):  # GET has no guidance
+        variants["no_cfg"] = model.sample_flops(dataclasses.replace(s, cfg_scale=1.0))
     if hasattr(s, "kv_cache"):
         variants["no_kv_cache"] = model.sample_flops(dataclasses.replace(s, kv_cache=False))
         variants["no_kv_cache_no_cfg"] = model.sample_flops(dataclasses.replace(s, kv_cache=False, cfg_scale=1.0))

@@ -90,4 +90,6 @@ class ShapeOnly(Tokenizer):
     (e.g. RAR's 256 MaskGIT-VQ tokens from 1024 codes) without their tokenizer weights."""
 
     def __init__(self, seq_len: int, vocab_size: int, token_dim: int = 1, discrete: bool = True):
-        self.grid, self.vocab_size, self.token_dim, self.discrete = (1, seq_len), vocab_size, token_dim, discrete
+        side = round(seq_len ** 0.5)
+        grid = (side, side) if side * side == seq_len else (1, seq_len)  # square where it can be (2-D positions)
+        self.grid, self.vocab_size, self.token_dim, self.discrete = grid, vocab_size, token_dim, discrete

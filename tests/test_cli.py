@@ -462,6 +462,15 @@ def _(d, runs):
     return Case(["train", "ar", "--out", d / "run", *TRAIN_TINY, "--shuffle-pairs"], ("--shuffle-pairs", "'ar'"), [d])
 
 
+@case("get-cfg-scale")
+def _(d, runs):
+    from isynth.presets import make_run
+
+    (d / "run").mkdir()
+    (d / "run" / "config.json").write_text(make_run("get", "tiny", ["method.pairs=p"]).to_json())
+    return Case(["eval", d / "run", "--cfg-scale", "2"], ("'get' has no guidance",), [d])
+
+
 @case("get-pairs-missing")
 def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
@@ -594,6 +603,24 @@ def test_flops(tmp_path):
     info = json.loads(ok(rar_b).stdout)
     assert abs(info["params"] - 261e6) / 261e6 < 0.02, info["params"]  # RAR-B: 261M (seed 001 Table 1)
     assert (info["seq_len"], info["vocab_size"], info["width"], info["depth"]) == (256, 1024, 768, 24)
+
+
+# GET's parameter counts (seed 000, reference STAT.md) at CIFAR-10's grid: 32x32x3 in 2x2 patches.
+GET_PARAMS = {"get-t": 8.6e6, "get-m": 19.2e6, "get-s": 37.2e6, "get-b": 62.2e6, "get-b+": 83.5e6}
+
+
+def test_flops_of_every_paradigm_and_the_get_sizes():
+    cmds = [("flops", p, "--preset", "cpu") for p in PARADIGMS]
+    cmds += [("flops", "get", "--preset", name, "--seq-len", "256", "--token-dim", "12", "--num-classes", "10")
+             for name in GET_PARAMS]
+    results = run_many(cmds)
+    for cmd, result in zip(cmds, results[:len(PARADIGMS)]):
+        info = json.loads(ok(result).stdout)
+        assert info["train_flops_per_sample"] > 0 and info["sample_flops_per_image"] > 0 and info["nfe"] >= 1, cmd
+    for (name, paper), result in zip(GET_PARAMS.items(), results[len(PARADIGMS):]):
+        info = json.loads(ok(result).stdout)
+        assert abs(info["params"] - paper) / paper < 0.015, (name, info["params"])
+        assert info["sample_flops_per_image_variants"] == {"as_configured": info["sample_flops_per_image"]}
 
 
 def test_compare_tiny(tmp_path):
