@@ -147,6 +147,8 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     model, cfg, total = s.model, run.train, s.total_steps
     if cfg.batch_size % world:
         raise IsynthError(f"train.batch_size={cfg.batch_size} is not divisible by {world} processes")
+    # The training data before the run directory: unreadable data (e.g. a corrupt pair shard) leaves nothing.
+    tokens_all, labels_all = (t.to(device) for t in model.training_data(s.dataset))  # (N, T[, D]), (N,)
     out = Path(out)
     resuming = prepare_run_dir(out, run) if rank == 0 else None
     if world > 1:
@@ -174,7 +176,6 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     if world > 1:  # one measurement, not several processes competing for the same cores
         dist.broadcast_object_list(peak_box, src=0)
     peak, peak_how = peak_box[0]
-    tokens_all, labels_all = (t.to(device) for t in model.training_data(s.dataset))  # (N, T[, D]), (N,)
     order = BatchOrder(len(labels_all), cfg.batch_size, cfg.seed)
     amp = autocast_for(device)
     model_params = [p for p in model.state_dict().values() if p.is_floating_point()]

@@ -471,6 +471,18 @@ def _(d, runs):
     return Case(["eval", d / "run", "--cfg-scale", "2"], ("'get' has no guidance",), [d])
 
 
+@case("get-pairs-corrupt-shard")
+def _(d, runs):
+    pairs = d / "pairs"
+    pairs.mkdir()
+    manifest = {"format": "isynth-pairs/1", "num_pairs": 4, "seq_len": 64, "token_dim": 1, "image_shape": [8, 8, 1],
+                "shards": [{"file": "shard-00000.safetensors", "count": 4, "seconds": 0.1}]}
+    (pairs / "pairs.json").write_text(json.dumps(manifest))
+    (pairs / "shard-00000.safetensors").write_bytes(b"garbage")
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={pairs}"],
+                ("shard-00000.safetensors", "corrupt pair shard"), [d])
+
+
 @case("get-pairs-missing")
 def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
