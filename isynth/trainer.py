@@ -150,7 +150,8 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     # The training data before the run directory: unreadable data (e.g. a corrupt pair shard) leaves nothing.
     tokens_all, labels_all = (t.to(device) for t in model.training_data(s.dataset))  # (N, T[, D]), (N,)
     out = Path(out)
-    resuming = prepare_run_dir(out, run) if rank == 0 else None
+    if rank == 0:
+        prepare_run_dir(out, run)
     if world > 1:
         dist.barrier()
 

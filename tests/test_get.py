@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from isynth.errors import IsynthError
 from isynth.pairs import MANIFEST, generate_pairs, load_pairs, read_manifest

@@ -6,7 +6,6 @@ command that stops working (or a rewrite that no longer applies) fails here.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -14,20 +13,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
+from clitools import ENV, TIMEOUT_S
 from isynth.paradigms import PARADIGMS
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-TIMEOUT_S = 300
-ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _subprocess_env(shared_cache):
-    """Subprocesses share the session's feature-net cache (conftest), never ~/.cache."""
-    ENV.update(os.environ, ISYNTH_CACHE=str(shared_cache))
 
 
 def section(title: str) -> str:

@@ -92,22 +92,29 @@ class GET(FromNoise, Paradigm):
         self.last_solver_info: dict = {}
 
     # --- data ---------------------------------------------------------------------------------------
-    def validate_training(self, dataset) -> None:
-        from isynth.pairs import check_pairs_fit, read_manifest
-
+    def _pairs_dir(self) -> str:
         if self.run.method.pairs is None:
             raise IsynthError("get trains on teacher pairs: set method.pairs=DIR (make them with "
                               "`isynth pairs TEACHER_RUN --num-pairs N --out DIR`)")
-        check_pairs_fit(read_manifest(self.run.method.pairs), self.run.method.pairs, self.seq_len, self.token_dim,
-                        dataset.image_shape)
+        return self.run.method.pairs
+
+    def _check_fit(self, manifest: dict, dataset) -> None:
+        from isynth.pairs import check_pairs_fit
+
+        check_pairs_fit(manifest, self.run.method.pairs, self.seq_len, self.token_dim, dataset.image_shape)
+
+    def validate_training(self, dataset) -> None:
+        from isynth.pairs import read_manifest
+
+        self._check_fit(read_manifest(self._pairs_dir()), dataset)
 
     def training_data(self, dataset) -> tuple[Tensor, Tensor]:
         """(noise ++ target (P, N, 2D), labels (P,)); with shuffle_pairs the images (and their labels) are
         permuted against the noise, which destroys the teacher's pairing but keeps both marginals."""
         from isynth.pairs import load_pairs
 
-        self.validate_training(dataset)
-        p = load_pairs(self.run.method.pairs)
+        p = load_pairs(self._pairs_dir())
+        self._check_fit(p.manifest, dataset)
         target, labels = p.target, p.labels
         if self.run.method.shuffle_pairs:
             perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.run.method.shuffle_seed))

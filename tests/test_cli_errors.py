@@ -1,0 +1,435 @@
+"""Bad input on the `isynth` command line, run as real subprocesses.
+
+Project rule: ONE line on stderr starting with `isynth: error:` that names the problem, exit status 2, no
+Python traceback, and no half-written run directory, checkpoint or pair shard. Most of the time of a failing
+command is Python and torch start-up, so the cases are launched together (a few processes at a time) by one
+module fixture and checked one test per case.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from clitools import (TRAIN_TINY, WORKERS, assert_error, copy_run, good_arrays, run_cli, savez, snapshot,
+                      write_npz)
+
+# --- bad input: the cases ---------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """A command that must fail cleanly; `watch`ed paths must be exactly as before (or still absent)."""
+
+    args: list
+    fragments: tuple[str, ...] = ()
+    watch: list[Path] = field(default_factory=list)
+    cwd: Path | None = None
+
+
+CASES: dict[str, Callable[[Path, dict[str, Path]], Case]] = {}  # name -> builder(case_dir, runs)
+
+
+def case(name: str):
+    def register(builder):
+        CASES[name] = builder
+        return builder
+    return register
+
+
+def _train(d: Path, data, *fragments, extra=()) -> Case:
+    return Case(["train", "ar", "--dataset", data, "--out", d / "run", *TRAIN_TINY, *extra], fragments, [d])
+
+
+# .npz datasets -------------------------------------------------------------------------------------
+
+def _npz_case(name: str, make: Callable[[Path], Path | None], *fragments: str):
+    @case(f"npz-{name}")
+    def build(d: Path, runs) -> Case:
+        f = d / "data.npz"
+        made = make(f)
+        return _train(d, made or f, *fragments)
+
+
+IMAGES, LABELS = good_arrays()
+
+
+def _damaged_compressed(f: Path) -> None:
+    with open(f, "wb") as fh:  # np.savez_compressed with damaged deflate data
+        np.savez_compressed(fh, arr_0=np.tile(IMAGES, (10, 1, 1, 1)), labels=np.tile(LABELS, 10))
+    data = bytearray(f.read_bytes())
+    for i in range(60, 110):
+        data[i] ^= 0x5A
+    f.write_bytes(bytes(data))
+
+
+def _truncated(f: Path) -> None:
+    write_npz(f, IMAGES, LABELS)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _with_label(value, dtype=np.int64):
+    def make(f: Path) -> None:
+        labels = LABELS.astype(dtype)
+        labels[5] = value
+        write_npz(f, IMAGES, labels)
+    return make
+
+
+def _npy_named_npz(f: Path) -> None:
+    with open(f, "wb") as fh:
+        np.save(fh, IMAGES)
+
+
+def _npy(f: Path) -> Path:
+    np.save(f.with_suffix(".npy"), IMAGES)
+    return f.with_suffix(".npy")
+
+
+_npz_case("missing", lambda f: f.with_name("nope.npz"), "not found", "nope.npz")
+_npz_case("random-bytes", lambda f: f.write_bytes(np.random.default_rng(1).bytes(4096)) and None,
+          "data.npz", "not a readable .npz")
+_npz_case("empty-file", lambda f: f.write_bytes(b"") and None, "data.npz", "not a readable .npz")
+_npz_case("truncated", _truncated, "data.npz", "not a readable .npz")
+_npz_case("corrupt-compressed", _damaged_compressed, "data.npz", "not a readable .npz")
+_npz_case("no-labels", lambda f: write_npz(f, IMAGES) and None, "missing", "labels")
+_npz_case("no-arr_0", lambda f: savez(f, images=IMAGES, labels=LABELS), "missing", "arr_0")
+_npz_case("images-float32", lambda f: write_npz(f, IMAGES.astype(np.float32), LABELS) and None, "uint8", "float32")
+_npz_case("images-ndim3", lambda f: write_npz(f, IMAGES[..., 0], LABELS) and None, "shape", "[40, 8, 8]")
+_npz_case("images-2-channels", lambda f: write_npz(f, np.concatenate([IMAGES, IMAGES], -1), LABELS) and None,
+          "shape", "[40, 8, 8, 2]")
+_npz_case("images-zero-height", lambda f: write_npz(f, np.zeros((40, 0, 8, 1), np.uint8), LABELS) and None,
+          "shape", "[40, 0, 8, 1]")
+_npz_case("one-image", lambda f: write_npz(f, IMAGES[:1], LABELS[:1]) and None, "at least 2")
+_npz_case("labels-wrong-length", lambda f: write_npz(f, IMAGES, LABELS[:-3]) and None, "labels", "[40]", "[37]")
+_npz_case("labels-2d", lambda f: write_npz(f, IMAGES, LABELS[:, None]) and None, "labels", "[40, 1]")
+_npz_case("labels-float", lambda f: write_npz(f, IMAGES, LABELS.astype(np.float64)) and None, "labels", "integers")
+_npz_case("labels-negative", _with_label(-1), "labels", ">= 0", "-1")
+_npz_case("labels-uint64-overflow", _with_label(np.iinfo(np.uint64).max, np.uint64), "labels", "int64")
+_npz_case("labels-huge", _with_label(10**12), "labels", "classes")  # would size a 10^12-row class table
+_npz_case("object-array", lambda f: write_npz(f, np.array([IMAGES[0], None], dtype=object), LABELS[:2]) and None,
+          "data.npz")
+_npz_case("npy-content", _npy_named_npz, "data.npz", "not an .npz")
+_npz_case("npy-file", _npy, "data.npy", ".npz")
+
+
+# config, overrides, budgets ------------------------------------------------------------------------
+
+BAD_CONFIG = {
+    "unknown-paradigm": (["train", "nope", *TRAIN_TINY], ["unknown paradigm", "nope"]),
+    "unknown-preset": (["train", "ar", "--preset", "huge", "--steps", "2"], ["unknown preset", "huge"]),
+    "unknown-field": (["train", "ar", *TRAIN_TINY, "model.nope=1"], ["model.nope"]),
+    "unknown-section": (["train", "ar", *TRAIN_TINY, "nope.width=1"], ["nope"]),
+    "section-as-field": (["train", "ar", *TRAIN_TINY, "model=3"], ["model", "section"]),
+    "no-equals": (["train", "ar", *TRAIN_TINY, "model.width"], ["invalid override", "model.width"]),
+    "width-not-int": (["train", "ar", *TRAIN_TINY, "model.width=abc"], ["model.width", "abc", "integer"]),
+    "width-fraction": (["train", "ar", *TRAIN_TINY, "model.width=32.5"], ["model.width", "integer"]),
+    "lr-negative": (["train", "ar", *TRAIN_TINY, "train.lr=-1"], ["train.lr"]),
+    "lr-nan": (["train", "ar", *TRAIN_TINY, "train.lr=nan"], ["train.lr"]),
+    "heads-not-dividing": (["train", "ar", *TRAIN_TINY, "model.num_heads=3"], ["num_heads=3", "width=32"]),
+    "bad-bool": (["train", "ar", *TRAIN_TINY, "model.qk_norm=maybe"], ["model.qk_norm", "maybe"]),
+    "bad-choice": (["train", "ar", *TRAIN_TINY, "tokenizer.kind=jpeg"], ["tokenizer.kind", "jpeg"]),
+    "paradigm-override": (["train", "ar", *TRAIN_TINY, "paradigm=rar"], ["paradigm"]),
+    "steps-zero": (["train", "ar", "--preset", "tiny", "--steps", "0"], ["max_steps", "> 0"]),
+    "steps-negative": (["train", "ar", "--preset", "tiny", "--steps", "-3"], ["max_steps", "-3"]),
+    "steps-not-int": (["train", "ar", "--preset", "tiny", "--steps", "abc"], ["--steps", "abc"]),
+    "flops-zero": (["train", "ar", "--preset", "tiny", "--flops", "0"], ["train_flops", "> 0"]),
+    "flops-negative": (["train", "ar", "--preset", "tiny", "--flops", "-1e9"], ["train_flops"]),
+    "flops-below-one-step": (["train", "ar", "--preset", "tiny", "--flops", "1"], ["less than one step"]),
+    "flops-inf": (["train", "ar", "--preset", "tiny", "--flops", "inf"], ["train_flops", "inf"]),
+    "flops-override-inf": (["train", "ar", "--preset", "tiny", "train.train_flops=inf"], ["train_flops", "inf"]),
+    "flops-nan": (["train", "ar", "--preset", "tiny", "--flops", "nan"], ["train_flops"]),
+    "steps-and-flops": (["train", "ar", "--preset", "tiny", "--steps", "2", "--flops", "1e12"], ["--steps", "--flops"]),
+    "no-budget": (["train", "ar", "--preset", "tiny", "train.max_steps=none"], ["budget"]),
+    "unknown-dataset": (["train", "ar", "--preset", "tiny", "--steps", "2", "--dataset", "cifar"], ["cifar"]),
+    "unknown-option": (["train", "ar", *TRAIN_TINY, "--nope"], ["--nope"]),
+    "missing-paradigm": (["train", "--preset", "tiny"], ["paradigm"]),
+}
+
+for _name, (_args, _frags) in BAD_CONFIG.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        return Case([*args, "--out", d / "run"], tuple(frags), [d], cwd=d)
+    CASES[f"config-{_name}"] = _build
+
+
+@case("unknown-command")
+def _(d, runs):
+    return Case(["nope"], ("nope",), [d], cwd=d)
+
+
+@case("train-without-out")
+def _(d, runs):
+    return Case(["train", "ar", *TRAIN_TINY], ("--out",), [d], cwd=d)
+
+
+# run directories -----------------------------------------------------------------------------------
+
+@case("out-is-non-run-dir")
+def _(d, runs):
+    (d / "stuff").mkdir()
+    (d / "stuff" / "notes.txt").write_text("mine")
+    return Case(["train", "ar", "--out", d / "stuff", *TRAIN_TINY], ("not an isynth run directory",), [d])
+
+
+@case("out-is-a-file")
+def _(d, runs):
+    (d / "file").write_text("mine")
+    return Case(["train", "ar", "--out", d / "file", *TRAIN_TINY], ("not an isynth run directory",), [d])
+
+
+@case("out-under-a-file")
+def _(d, runs):
+    (d / "file").write_text("mine")
+    return Case(["train", "ar", "--out", d / "file" / "run", *TRAIN_TINY], ("file",), [d])
+
+
+@case("retrain-other-config")
+def _(d, runs):
+    return Case(["train", "ar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY, "model.width=64"],
+                ("different config", "model.width", "32", "64"), [runs["a"]])
+
+
+@case("retrain-other-paradigm")
+def _(d, runs):
+    return Case(["train", "rar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY],
+                ("different config", "paradigm"), [runs["a"]])
+
+
+# checkpoints and configs of runs -------------------------------------------------------------------
+
+@case("foreign-checkpoint-eval")
+def _(d, runs):
+    return Case(["eval", runs["b"], "--num-samples", "10"], ("checkpoint does not match",), [runs["b"]])
+
+
+@case("foreign-checkpoint-sample")
+def _(d, runs):
+    return Case(["sample", runs["b"], "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint does not match",),
+                [runs["b"], d])
+
+
+@case("foreign-checkpoint-resume")
+def _(d, runs):
+    return Case(["train", "ar", "--dataset", "digits", "--out", runs["b"], "--preset", "tiny", "--steps", "1",
+                 "--quiet", "model.width=64"], ("checkpoint does not match",), [runs["b"]])
+
+
+def _damaged_run(d: Path, runs, damage: str) -> Path:
+    run = copy_run(runs["a"], d / "run")
+    ckpt = run / "checkpoint.safetensors"
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(np.random.default_rng(0).bytes(len(data)) if damage == "random" else data[: len(data) // 2])
+    return run
+
+
+@case("corrupt-checkpoint-eval")
+def _(d, runs):
+    return Case(["eval", _damaged_run(d, runs, "random"), "--num-samples", "10"], ("checkpoint", "corrupt"), [d])
+
+
+@case("truncated-checkpoint-sample")
+def _(d, runs):
+    run = _damaged_run(d, runs, "truncated")
+    return Case(["sample", run, "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint", "corrupt"), [d])
+
+
+@case("corrupt-checkpoint-resume")
+def _(d, runs):
+    run = _damaged_run(d, runs, "random")
+    return Case(["train", "ar", "--dataset", "digits", "--out", run, *TRAIN_TINY], ("checkpoint", "corrupt"), [d])
+
+
+@case("config-json-not-json")
+def _(d, runs):
+    run = copy_run(runs["a"], d / "run")
+    (run / "config.json").write_text("{nope")
+    return Case(["eval", run, "--num-samples", "10"], ("config",), [d])
+
+
+@case("config-json-incomplete")
+def _(d, runs):
+    run = copy_run(runs["a"], d / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    del cfg["model"]
+    (run / "config.json").write_text(json.dumps(cfg))
+    return Case(["sample", run, "--num-samples", "10", "--out", d / "s.npz"], ("config",), [d])
+
+
+# sample and eval -----------------------------------------------------------------------------------
+
+@case("sample-no-checkpoint")
+def _(d, runs):
+    (d / "run").mkdir()
+    shutil.copyfile(runs["a"] / "config.json", d / "run" / "config.json")
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("no checkpoint",), [d])
+
+
+@case("sample-not-a-run")
+def _(d, runs):
+    (d / "run").mkdir()
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
+
+
+@case("sample-missing-dir")
+def _(d, runs):
+    return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
+
+
+_SAMPLE_BAD = {
+    "num-samples-0": (["--num-samples", "0"], ["--num-samples", "0"]),
+    "num-samples-negative": (["--num-samples", "-5"], ["--num-samples", "-5"]),
+    "temperature-0": (["sample.temperature=0"], ["temperature"]),
+    "unknown-field": (["nope=1"], ["nope"]),
+    "cfg-negative": (["--cfg-scale", "-1"], ["cfg_scale"]),
+}
+for _name, (_args, _frags) in _SAMPLE_BAD.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        return Case(["sample", runs["a"], "--out", d / "s.npz", *args], tuple(frags), [d, runs["a"]])
+    CASES[f"sample-{_name}"] = _build
+
+
+@case("sample-out-not-npz")
+def _(d, runs):
+    return Case(["sample", runs["a"], "--out", d / "x.txt"], (".npz", "x.txt"), [d, runs["a"]])
+
+
+@case("eval-not-a-run")
+def _(d, runs):
+    return Case(["eval", d], ("not an isynth run directory",), [d])
+
+
+@case("eval-one-sample")
+def _(d, runs):
+    return Case(["eval", runs["a"], "--num-samples", "1"], ("--num-samples",), [runs["a"]])
+
+
+@case("eval-bad-sampling")
+def _(d, runs):
+    return Case(["eval", runs["a"], "--num-samples", "10", "sample.top_p=2"], ("top_p",), [runs["a"]])
+
+
+# flops and compare ---------------------------------------------------------------------------------
+
+@case("flops-unknown-paradigm")
+def _(d, runs):
+    return Case(["flops", "nope"], ("unknown paradigm",), [d], cwd=d)
+
+
+@case("flops-vocab-without-seq-len")
+def _(d, runs):
+    return Case(["flops", "ar", "--preset", "tiny", "--vocab-size", "1024"], ("--seq-len",), [d], cwd=d)
+
+
+@case("flops-seq-len-0")
+def _(d, runs):
+    return Case(["flops", "ar", "--preset", "tiny", "--seq-len", "0"], ("--seq-len",), [d], cwd=d)
+
+
+# pairs and get -------------------------------------------------------------------------------------
+
+@case("pairs-teacher-not-diffusion")
+def _(d, runs):
+    return Case(["pairs", runs["a"], "--num-pairs", "10", "--out", d / "p"], ("'ar' run", "'diffusion'"), [d, runs["a"]])
+
+
+@case("pairs-zero")
+def _(d, runs):
+    return Case(["pairs", runs["a"], "--num-pairs", "0", "--out", d / "p"], ("--num-pairs", "0"), [d, runs["a"]])
+
+
+@case("pairs-teacher-not-a-run")
+def _(d, runs):
+    return Case(["pairs", d, "--num-pairs", "5", "--out", d / "p"], ("not an isynth run directory",), [d])
+
+
+@case("get-without-pairs")
+def _(d, runs):
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY], ("method.pairs", "isynth pairs"), [d])
+
+
+@case("shuffle-pairs-not-get")
+def _(d, runs):
+    return Case(["train", "ar", "--out", d / "run", *TRAIN_TINY, "--shuffle-pairs"], ("--shuffle-pairs", "'ar'"), [d])
+
+
+@case("get-cfg-scale")
+def _(d, runs):
+    from isynth.presets import make_run
+
+    (d / "run").mkdir()
+    (d / "run" / "config.json").write_text(make_run("get", "tiny", ["method.pairs=p"]).to_json())
+    return Case(["eval", d / "run", "--cfg-scale", "2"], ("'get' has no guidance",), [d])
+
+
+@case("get-pairs-corrupt-shard")
+def _(d, runs):
+    pairs = d / "pairs"
+    pairs.mkdir()
+    manifest = {"format": "isynth-pairs/1", "num_pairs": 4, "seq_len": 64, "token_dim": 1, "image_shape": [8, 8, 1],
+                "shards": [{"file": "shard-00000.safetensors", "count": 4, "seconds": 0.1}]}
+    (pairs / "pairs.json").write_text(json.dumps(manifest))
+    (pairs / "shard-00000.safetensors").write_bytes(b"garbage")
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={pairs}"],
+                ("shard-00000.safetensors", "corrupt pair shard"), [d])
+
+
+@case("get-pairs-missing")
+def _(d, runs):
+    return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
+                ("not a pair directory",), [d])
+
+
+_COMPARE_BAD = {
+    "get-without-teacher": (["--paradigms", "ar,get"], ["include diffusion"]),
+    "num-pairs-zero": (["--num-pairs", "0"], ["--num-pairs"]),
+    "unknown-paradigm": (["--paradigms", "nope"], ["unknown paradigm", "nope"]),
+    "one-unknown-paradigm": (["--paradigms", "ar,nope"], ["nope"]),
+    "unknown-preset": (["--preset", "huge"], ["unknown preset"]),
+    "flops-zero": (["--flops", "0"], ["flops"]),
+    "flops-below-one-step": (["--flops", "1"], ["less than one step"]),
+    "bad-override": (["model.width=abc"], ["model.width"]),
+}
+for _name, (_args, _frags) in _COMPARE_BAD.items():
+    def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
+        defaults = [x for opt, val in (("--preset", "tiny"), ("--flops", "2e9")) if opt not in args for x in (opt, val)]
+        return Case(["compare", "--out", d / "cmp", "--quiet", *defaults, *args], tuple(frags), [d], cwd=d)
+    CASES[f"compare-{_name}"] = _build
+
+
+# --- bad input: running and checking ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def error_results(runs, tmp_path_factory):
+    """Build every case in its own directory, snapshot what it watches, run all, snapshot again."""
+    base = tmp_path_factory.mktemp("errors")
+    built = {}
+    for name, builder in CASES.items():
+        d = base / name
+        d.mkdir()
+        built[name] = builder(d, runs)
+    watched = {p for c in built.values() for p in c.watch}
+    before = {p: snapshot(p) for p in watched}
+    results = _run_cases(built)
+    after = {p: snapshot(p) for p in watched}
+    return {name: (c, results[name], before, after) for name, c in built.items()}
+
+
+def _run_cases(built: dict[str, Case]) -> dict[str, subprocess.CompletedProcess]:
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(run_cli, *c.args, cwd=c.cwd) for name, c in built.items()}
+        return {name: f.result() for name, f in futures.items()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_fails_cleanly(name, error_results):
+    c, result, before, after = error_results[name]
+    assert_error(result, *c.fragments)
+    for path in c.watch:
+        assert after[path] == before[path], f"{path} changed"
+
