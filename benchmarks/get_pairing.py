@@ -1,5 +1,6 @@
-"""GET's learnability claim (seed 000): a one-step student learns the teacher's (noise, image) pairing, but
-not a random re-pairing of the same noise and images -- "the learnability of pairing measures its quality".
+"""GET's learnability claim (Geng et al. 2023, sec. 5): a one-step student learns the teacher's (noise, image)
+pairing, but not a random re-pairing of the same noise and images -- "the learnability of pairing measures its
+quality".
 
     python benchmarks/get_pairing.py --pairs runs/compare/get-pairs --out runs/get-pairing --steps 600
 
@@ -19,6 +20,9 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from isynth.pairformat import load_pairs
 from isynth.presets import make_run
 from isynth.trainer import train
 
@@ -35,7 +39,8 @@ def svg(curves: dict[str, list[tuple[int, float]]], path: Path, w: int = 640, h:
     sx = lambda s: pad + (s - x0) / max(1, x1 - x0) * (w - 2 * pad)  # noqa: E731
     sy = lambda v: h - pad - (v - y0) / (y1 - y0) * (h - 2 * pad)  # noqa: E731
     colours = ["#1f77b4", "#d62728", "#2ca02c"]
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">',
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
+             'font-family="sans-serif" font-size="12">',
              f'<rect width="{w}" height="{h}" fill="white"/>',
              f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="black"/>',
              f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="black"/>',
@@ -55,10 +60,6 @@ def svg(curves: dict[str, list[tuple[int, float]]], path: Path, w: int = 640, h:
 def pairing_free_floor(pairs_dir: Path, run) -> dict[str, float]:
     """Training loss of the best noise-ignoring predictors: the global and the per-class pixel median (L1)
     or mean (L2), weighted as TorchDEQ's 'exp' fixed-point correction weights the unrolled states."""
-    import torch
-
-    from isynth.pairs import load_pairs
-
     p, m = load_pairs(pairs_dir), run.method
     n = m.grad_steps if m.fp_correction else 1
     weight = sum(0.8 ** (n - 1 - i) for i in range(n))
@@ -88,7 +89,8 @@ def main():
     svg(curves, args.out / "loss.svg")
     print("| pairs | loss at first log | final loss | final / first |\n|---|---|---|---|")
     for name, c in curves.items():
-        print(f"| {name} | {c[0][1]:.4f} (step {c[0][0]}) | {c[-1][1]:.4f} (step {c[-1][0]}) | {c[-1][1] / c[0][1]:.3f} |")
+        (s0, l0), (s1, l1) = c[0], c[-1]
+        print(f"| {name} | {l0:.4f} (step {s0}) | {l1:.4f} (step {s1}) | {l1 / l0:.3f} |")
     floor = pairing_free_floor(args.pairs, run)
     print(f"\nfloor of a predictor that ignores the noise: {floor['global']:.4f} (one image for all), "
           f"{floor['per class']:.4f} (one per class)")

@@ -8,7 +8,6 @@ does not depend on the weights; sample identity is checked either way). Prints a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import platform
 import time
@@ -16,6 +15,7 @@ import time
 import torch
 
 from isynth.hardware import default_device
+from isynth.overrides import apply
 from isynth.presets import make_run
 from isynth.runs import load_trained
 from isynth.trainer import build
@@ -53,7 +53,7 @@ def main():
     for g in args.cfg_scale:
         rows = {}
         for kv in (True, False):
-            s = dataclasses.replace(model.run.sample, kv_cache=kv, cfg_scale=g)
+            s = apply(model.run.sample, {"kv_cache": kv, "guidance.scale": g}, "sample.")
             tokens, seconds = timed_sample(model, labels, s, seed=0, repeats=args.repeats)
             rows[kv] = (tokens, seconds, model.sample_flops(s))
         (t_kv, s_kv, f_kv), (t_no, s_no, f_no) = rows[True], rows[False]

@@ -1,17 +1,18 @@
 """Quality, cost and speed of one trained run under several sampling settings, as a markdown table.
 
     python benchmarks/sampling_sweep.py runs/compare/mar \\
-        --variant "head_sampler=ddpm head_steps=100" --variant "head_sampler=dpm++ head_steps=10"
-    python benchmarks/sampling_sweep.py runs/compare/mdm --variant "cfg_scale=2 cfg_schedule=constant" \\
-        --variant "cfg_scale=2 cfg_schedule=constant cfg_t_min=0.2 cfg_t_max=0.6"
+        --variant "head.sampler=ddpm head.steps=100" --variant "head.sampler=dpm++ head.steps=10"
+    python benchmarks/sampling_sweep.py runs/compare/mdm --variant "guidance.scale=2" \\
+        --variant "guidance.scale=2 guidance.t_min=0.2 guidance.t_max=0.6"
 
     python benchmarks/sampling_sweep.py runs/compare/diffusion --weights both \
         --variant "num_steps=4 sampler=euler" --variant "num_steps=8 sampler=euler"
 
 Each variant overrides the run's sampling config (`field=value`, as `sample.field=value` on the CLI) and is
 evaluated like `isynth eval` (EMA weights unless --weights raw|both; the same seed and labels) on a copy
-of the run directory, so the run's own metrics and samples are left alone. Columns: FD-digits, class accuracy, precision/recall,
-sampling FLOPs/image, backbone passes (NFE) and those with the unconditional half, and images/s.
+of the run directory, so the run's own metrics and samples are left alone. Columns: FD-digits, class
+accuracy, precision/recall, sampling FLOPs/image, backbone passes (NFE) and those with the unconditional
+half, and images/s.
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from isynth.config import parse_overrides, with_overrides
 from isynth.eval.run_eval import evaluate_run
+from isynth.overrides import apply, parse_overrides
 from isynth.runs import load_trained
 
 
@@ -41,13 +42,12 @@ def main():
         copy = Path(tmp) / "run"
         shutil.copytree(args.run, copy)
         for text, ema in ((t, e) for t in args.variant for e in weights):
-            s = with_overrides(model.run.sample, parse_overrides(text.split()), "sample.")
+            s = apply(model.run.sample, parse_overrides(text.split()), "sample.")
             r = evaluate_run(copy, args.num_samples, s, use_ema=ema)
-            uncond = model.unconditional_passes(s) if hasattr(model, "unconditional_passes") else (
-                r["nfe"] if getattr(s, "cfg_scale", 1.0) != 1.0 else 0)
-            print(f"| {text} | {'EMA' if ema else 'raw'} | {r['fd_digits']:.2f} | {r['class_accuracy']:.3f} | {r['precision']:.3f} | "
-                  f"{r['recall']:.3f} | {r['sample_flops_per_image']:.3g} | {r['nfe']} | {uncond} | "
-                  f"{r['images_per_s']:.1f} | {1 / r['images_per_s'] * 1e3:.2f} ms |", flush=True)
+            print(f"| {text} | {'EMA' if ema else 'raw'} | {r['fd_digits']:.2f} | {r['class_accuracy']:.3f} | "
+                  f"{r['precision']:.3f} | {r['recall']:.3f} | {r['sample_flops_per_image']:.3g} | {r['nfe']} | "
+                  f"{model.unconditional_passes(s)} | {r['images_per_s']:.1f} | {1 / r['images_per_s'] * 1e3:.2f} ms |",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 
 from isynth.data import load_dataset
 from isynth.hardware import default_device, peak_flops
+from isynth.overrides import apply
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
 from isynth.tokenizers import ShapeOnly, build_tokenizer
@@ -70,17 +71,18 @@ def main():
     fps = model.train_flops_per_sample()
     achieved = fps * batch * args.steps / seconds
     out = {"paradigm": args.paradigm, "preset": args.preset, "params": model.num_params(), "seq_len": tokenizer.seq_len,
-           "batch": batch, "steps_per_s": round(args.steps / seconds, 3), "samples_per_s": round(batch * args.steps / seconds, 1),
-           "train_flops_per_sample": fps, "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": how,
+           "batch": batch, "steps_per_s": round(args.steps / seconds, 3),
+           "samples_per_s": round(batch * args.steps / seconds, 1), "train_flops_per_sample": fps,
+           "achieved_flops_per_s": achieved, "peak_flops_per_s": peak, "peak_source": how,
            "mfu": round(achieved / peak, 4), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
     if args.sample_batch:
         model.eval()
-        s = dataclasses.replace(run.sample, kv_cache=True, cfg_scale=max(run.sample.cfg_scale, 1.5))
+        s = apply(run.sample, {"kv_cache": True, "guidance.scale": max(run.sample.guidance.scale, 1.5)}, "sample.")
         lab = torch.arange(args.sample_batch, device=device) % classes
         with amp:
-            model.sample(lab[:2], s)  # warm-up
+            model.sample(lab[:2], s, None)  # warm-up
             sync(device)
             t0 = time.perf_counter()
             model.sample(lab, s, torch.Generator(device=device).manual_seed(0))

@@ -4,7 +4,7 @@ It maps input vectors x (B, T, C) and an optional condition vector c (B, C) to f
 knows nothing of tokens, masking, ordering or noise: paradigms embed their inputs and read its outputs.
 Pre-norm blocks (ViT/GPT-2), `scaled_dot_product_attention` with a causal or bidirectional mask,
 optional qk-norm (RAR reference) and optional adaLN-Zero conditioning (DiT, Peebles & Xie 2023).
-GET (seed 000) conditions by adding vectors to each block's qkv (`qkv_add`) and iterates the blocks to a
+GET (Geng et al. 2023) conditions by adding vectors to each block's qkv (`qkv_add`) and iterates the blocks to a
 fixed point without the final norm (`final_norm=False`).
 Incremental decoding writes keys/values into preallocated buffers (`KVCache`): no per-step concatenation.
 """
@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isynth.config import ModelConfig
+from isynth.flops import matmul_flops
+from isynth.layers import init_weights, modulate, zero_init
 
 
 class KVCache:
@@ -78,10 +80,6 @@ class MLP(nn.Module):
         return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -114,11 +112,9 @@ class Transformer(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
         if cfg.adaln:
             self.final_modulation = nn.Linear(cfg.width, 2 * cfg.width)
-        self.apply(_init_weights)
-        if cfg.adaln:  # adaLN-Zero: every block starts as the identity (DiT, sec. 3.2)
-            for m in [blk.modulation for blk in self.blocks] + [self.final_modulation]:
-                nn.init.zeros_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_weights)
+        if cfg.adaln:  # adaLN-Zero: every block starts as the identity
+            zero_init(*[blk.modulation for blk in self.blocks], self.final_modulation)
 
     def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None,
                 qkv_add: Tensor | list[Tensor] | None = None, final_norm: bool = True) -> Tensor:
@@ -159,25 +155,17 @@ class Transformer(nn.Module):
     def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False, final: bool = True) -> int:
         """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.
 
-        2*m*n*k per matmul (SPEC 2): qkv, output projection, the two MLP layers, attention scores QK^T
-        and the weighted sum PV (counted in full under a causal mask, as the dense kernels compute and
-        FlopCounterMode counts them), and the adaLN modulation of the one condition vector.
+        The dense layers (qkv, output projection, the two MLP layers, and the adaLN modulation of the one
+        condition vector) as `matmul_flops`; attention's scores QK^T and weighted sum PV as 2 * 2 q kv C,
+        counted in full under a causal mask, as the dense kernels compute and FlopCounterMode counts them.
         train=True adds the backward pass: 2x forward for the dense layers (input and weight gradients),
         2.5x for attention, whose flash backward recomputes QK^T (5 matmuls for 2; Dao et al. 2022).
         """
         cfg, q = self.cfg, num_queries
         kv = num_queries if num_keys is None else num_keys
         c, h = cfg.width, cfg.mlp_hidden
-        dense = 2 * q * (3 * c * c + c * c + 2 * c * h) + (2 * c * 6 * c if cfg.adaln else 0)
+        dense = (matmul_flops(q, c, 3 * c, train) + matmul_flops(q, c, c, train) + matmul_flops(q, c, h, train)
+                 + matmul_flops(q, h, c, train) + (matmul_flops(1, c, 6 * c, train) if cfg.adaln else 0))
         attn = 2 * 2 * q * kv * c
-        final = 2 * c * 2 * c if cfg.adaln and final else 0
-        if not train:
-            return cfg.depth * (dense + attn) + final
-        return cfg.depth * (3 * dense + 7 * attn // 2) + 3 * final
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+        last = matmul_flops(1, c, 2 * c, train) if cfg.adaln and final else 0
+        return cfg.depth * (dense + (7 * attn // 2 if train else attn)) + last

@@ -14,28 +14,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
 from isynth.config import RunConfig
 from isynth.errors import IsynthError
+from isynth.files import atomic_save_tensors, atomic_write_text, read_json
 
 CONFIG, CHECKPOINT, LOG = "config.json", "checkpoint.safetensors", "log.jsonl"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; run files are ordinary user files
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -85,14 +71,6 @@ def remove_stale_temps(run_dir: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def read_json(path: Path, what: str):
-    """The parsed JSON file at `path`, or one IsynthError naming it as an unreadable `what`."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise IsynthError(f"{path}: unreadable {what} ({e})") from None
-
-
 def read_config_dict(run_dir: Path) -> dict:
     path = Path(run_dir) / CONFIG
     if not path.is_file():
@@ -115,27 +93,11 @@ def save_checkpoint(path: Path, model: dict, ema: dict, optimizer: dict, meta: d
     atomic_save_tensors(path, tensors, metadata)
 
 
-def atomic_save_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file written to a temporary name and renamed into place."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     """(model state, EMA state, optimizer state dict, meta) from `save_checkpoint`'s file."""
     path = Path(path)
     try:
         tensors = load_file(path)
-        from safetensors import safe_open
-
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
         meta = json.loads(metadata["meta"])

@@ -12,8 +12,18 @@ from pathlib import Path
 
 import click
 
-from isynth.config import parse_overrides, with_overrides
+from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
+from isynth.config import RunConfig
 from isynth.errors import IsynthError
+from isynth.eval.images import save_grid, save_samples
+from isynth.eval.run_eval import evaluate_run
+from isynth.overrides import apply, parse_overrides
+from isynth.pairs import generate_pairs
+from isynth.paradigms import paradigm_class
+from isynth.presets import make_run
+from isynth.report import flops_report
+from isynth.runs import cycling_labels, generate, load_trained, read_run_config
+from isynth.trainer import train as run_training
 
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
 
@@ -39,20 +49,17 @@ def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
     return []
 
 
-def _sampling(run, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
+def _sampling(run: RunConfig, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
     """The run's sampling config with command-line changes applied (`sample.` prefix optional)."""
     items = [o if o.startswith("sample.") else f"sample.{o}" for o in overrides]
-    parsed = {k.removeprefix("sample."): v for k, v in parse_overrides(items).items()}
-    s = with_overrides(run.sample, parsed, prefix="sample.")
+    changes: dict[str, object] = {k.removeprefix("sample."): v for k, v in parse_overrides(items).items()}
     if cfg_scale is not None:
-        if not hasattr(s, "cfg_scale"):
+        if not paradigm_class(run.paradigm).guided:
             raise IsynthError(f"paradigm {run.paradigm!r} has no guidance (--cfg-scale)")
-        s = dataclasses.replace(s, cfg_scale=cfg_scale)
+        changes["guidance.scale"] = cfg_scale
     if kv_cache is not None:
-        if not hasattr(s, "kv_cache"):
-            raise IsynthError(f"paradigm {run.paradigm!r} has no KV cache option")
-        s = dataclasses.replace(s, kv_cache=kv_cache)
-    return s
+        changes["kv_cache"] = kv_cache
+    return apply(run.sample, changes, "sample.")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,9 +69,11 @@ def cli():
 
 @cli.command()
 @click.argument("paradigm")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory (re-running resumes).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Run directory (re-running resumes).")
 @click.option("--dataset", default=None, help="'digits' (default) or a path to an .npz (arr_0 uint8 NHWC, labels).")
-@click.option("--preset", default="cpu", show_default=True, help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
+@click.option("--preset", default="cpu", show_default=True,
+              help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
 @click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
 @click.option("--shuffle-pairs", is_flag=True,
@@ -73,9 +82,6 @@ def cli():
 @OVERRIDES
 def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, overrides):
     """Train PARADIGM (ar, rar, maskgit, mdm, mar, ar-cont, diffusion, get) into --out."""
-    from isynth.presets import make_run
-    from isynth.trainer import train as run_training
-
     if shuffle_pairs and paradigm != "get":
         raise IsynthError(f"--shuffle-pairs is a control for get's teacher pairs; {paradigm!r} has none")
     shuffle = ["method.shuffle_pairs=true"] if shuffle_pairs else []
@@ -89,7 +95,8 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, ov
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--num-samples", type=int, default=100, show_default=True)
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Output .npz (a .png grid is written beside it).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Output .npz (a .png grid is written beside it).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cfg-scale", type=float, default=None, help="Guidance weight g (1 = no CFG).")
 @click.option("--kv-cache/--no-kv-cache", default=None, help="Incremental decoding with the KV cache.")
@@ -97,9 +104,6 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, ov
 @OVERRIDES
 def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrides):
     """Generate class-conditional samples (labels cycle through the classes) from RUN_DIR."""
-    from isynth.eval.images import save_grid, save_samples
-    from isynth.runs import cycling_labels, generate, load_trained
-
     if num_samples <= 0:
         raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
     if out.suffix != ".npz":
@@ -124,14 +128,10 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrid
 @OVERRIDES
 def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
     """Sample RUN_DIR, score the samples, write RUN_DIR/metrics.json and print it."""
-    from isynth.eval.run_eval import evaluate_run
-    from isynth.checkpoint import read_config_dict
-    from isynth.runs import run_from_dict
-
     if num_samples is not None and num_samples < 2:
         raise IsynthError(f"--num-samples must be >= 2, got {num_samples}")
     # Only the config is needed here; evaluate_run loads the weights once.
-    s = _sampling(run_from_dict(read_config_dict(run_dir)), overrides, cfg_scale, None)
+    s = _sampling(read_run_config(run_dir), overrides, cfg_scale, None)
     click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema), indent=2))
 
 
@@ -139,7 +139,8 @@ def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
 @click.argument("paradigm")
 @click.option("--preset", default="cpu", show_default=True)
 @click.option("--dataset", default=None, help="'digits' (default) or an .npz path; sets the token grid.")
-@click.option("--seq-len", type=int, default=None, help="Token count instead of the dataset's (e.g. 256 for ImageNet VQ f16).")
+@click.option("--seq-len", type=int, default=None,
+              help="Token count instead of the dataset's (e.g. 256 for ImageNet VQ f16).")
 @click.option("--vocab-size", type=int, default=None, help="Codebook size with --seq-len (e.g. 1024).")
 @click.option("--num-classes", type=int, default=None, help="Classes with --seq-len (e.g. 1000).")
 @click.option("--token-dim", type=int, default=None,
@@ -147,8 +148,6 @@ def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
 @OVERRIDES
 def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim, overrides):
     """Print parameters and training / sampling FLOPs of PARADIGM at a preset as JSON."""
-    from isynth.report import flops_report
-
     click.echo(json.dumps(flops_report(paradigm, preset, [*_dataset_overrides(dataset), *overrides],
                                        seq_len, vocab_size, num_classes, token_dim), indent=2))
 
@@ -156,7 +155,8 @@ def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim
 @cli.command()
 @click.argument("teacher_run", type=click.Path(path_type=Path))
 @click.option("--num-pairs", type=int, required=True, help="Total pairs wanted in --out (more than it holds appends).")
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Pair directory (re-running resumes).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Pair directory (re-running resumes).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--shard-size", type=int, default=1024, show_default=True, help="Pairs per shard file.")
 @click.option("--no-ema", is_flag=True, help="Use the teacher's raw weights instead of its EMA weights.")
@@ -164,11 +164,7 @@ def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim
 @OVERRIDES
 def pairs(teacher_run, num_pairs, out, seed, shard_size, no_ema, quiet, overrides):
     """Generate (noise, image) pairs with TEACHER_RUN's deterministic sampler, for `get` (method.pairs=DIR)."""
-    from isynth.checkpoint import read_config_dict
-    from isynth.pairs import generate_pairs
-    from isynth.runs import run_from_dict
-
-    s = _sampling(run_from_dict(read_config_dict(teacher_run)), overrides, None, None)
+    s = _sampling(read_run_config(teacher_run), overrides, None, None)
     m = generate_pairs(teacher_run, num_pairs, out, s, seed=seed, shard_size=shard_size, use_ema=not no_ema,
                        progress=not quiet)
     click.echo(json.dumps({"out": str(out), "num_pairs": m["num_pairs"], "shards": len(m["shards"]),
@@ -178,17 +174,17 @@ def pairs(teacher_run, num_pairs, out, seed, shard_size, no_ema, quiet, override
 
 
 @cli.command()
-@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Directory for runs, table and grids.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Directory for runs, table and grids.")
 @click.option("--paradigms", default=None, help="Comma-separated subset (default: all implemented).")
 @click.option("--preset", default="cpu", show_default=True)
-@click.option("--flops", "train_flops", type=float, default=None, help="Training FLOPs per paradigm (default: the main job's).")
+@click.option("--flops", "train_flops", type=float, default=None,
+              help="Training FLOPs per paradigm (default: the main job's).")
 @click.option("--num-pairs", type=int, default=None, help="Teacher pairs for get (default: 2048).")
 @click.option("--quiet", is_flag=True)
 @OVERRIDES
 def compare(out, paradigms, preset, train_flops, num_pairs, quiet, overrides):
     """The main job: train every paradigm on digits at the same training FLOPs, evaluate, tabulate."""
-    from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
-
     names = paradigms.split(",") if paradigms else None
     run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet,
                 num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs)

@@ -4,7 +4,6 @@ protocol at laptop scale). Re-running resumes finished and unfinished runs alike
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -13,9 +12,10 @@ from pathlib import Path
 import click
 import torch
 
-from isynth.checkpoint import atomic_write_text
 from isynth.errors import IsynthError
 from isynth.eval.run_eval import evaluate_run
+from isynth.files import atomic_write_text
+from isynth.overrides import apply
 from isynth.pairs import generate_pairs
 from isynth.paradigms import PARADIGMS
 from isynth.presets import make_run
@@ -47,22 +47,31 @@ COLUMNS = [  # (header, key, format)
 ]
 
 
-_SAMPLING_KEYS = ("sampler", "num_steps", "head_sampler", "head_steps", "fixed_point_iters", "cfg_scale", "cfg_pow",
-                  "cfg_schedule", "cfg_t_min", "cfg_t_max", "temperature", "choice_temperature", "top_k", "top_p",
-                  "kv_cache")
 # The teacher of `get` in the main job: its pairs come from the `diffusion` run trained just before.
 PAIRS_DIR, TEACHER = "get-pairs", "diffusion"
 DEFAULT_NUM_PAIRS = 2048
 
 
-def _short_sampling(s: dict, discrete: bool) -> str:
-    """The sampling settings that matter for a row (defaults that do nothing left out)."""
-    skip = {("cfg_t_min", 0.0), ("cfg_t_max", 1.0), ("top_k", 0), ("top_p", 1.0), ("cfg_pow", 0.0)}
-    if discrete:  # no diffusion head
-        skip |= {(k, s.get(k)) for k in ("head_sampler", "head_steps")}
-    if s.get("cfg_scale") == 1.0:
-        skip |= {(k, s.get(k)) for k in ("cfg_schedule", "cfg_t_min", "cfg_t_max", "cfg_pow")}
-    return " ".join(f"{k}={s[k]}" for k in _SAMPLING_KEYS if k in s and (k, s[k]) not in skip)
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def short_sampling(s: dict) -> str:
+    """The sampling settings that matter for a row, as `field=value` by dotted name: settings that do nothing
+    (no filtering, the whole guidance interval, guidance details without guidance) are left out."""
+    flat = _flat(s)
+    inert = {"batch_size": flat.get("batch_size"), "head.top_k": 0, "head.top_p": 1.0,
+             "guidance.t_min": 0.0, "guidance.t_max": 1.0}
+    if flat.get("guidance.schedule") != "pow-cosine":
+        inert["guidance.pow"] = flat.get("guidance.pow")
+    if flat.get("guidance.scale") == 1.0:
+        inert |= {k: v for k, v in flat.items() if k.startswith("guidance.") and k != "guidance.scale"}
+    if flat.get("head.sampler") != "dpm++":
+        inert["head.order"] = flat.get("head.order")
+    return " ".join(f"{k}={v}" for k, v in flat.items() if k not in inert or inert[k] != v)
 
 
 def table(rows: list[dict]) -> str:
@@ -106,16 +115,16 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
         train(run, out / name, progress=progress)
         train_wall = time.perf_counter() - t0
         # Without guidance first, then as configured (its samples and metrics.json stay in the run dir).
-        guided = getattr(run.sample, "cfg_scale", 1.0) != 1.0  # GET has no guidance
-        variants = [dataclasses.replace(run.sample, cfg_scale=1.0)] if guided else []
+        guided = PARADIGMS[name].guided and run.sample.guidance.on  # GET has no guidance
+        variants = [apply(run.sample, {"guidance.scale": 1.0}, "sample.")] if guided else []
         for sampling in variants + [run.sample]:
             t1 = time.perf_counter()
             row = evaluate_run(out / name, sampling=sampling)
             row.update(train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1,
-                       sampling_short=_short_sampling(row["sampling"], run.tokenizer.kind == "grey"), **extra)
+                       sampling_short=short_sampling(row["sampling"]), **extra)
             rows.append(row)
             if progress:
-                click.echo(f"{name} (cfg {getattr(sampling, 'cfg_scale', 1.0)}): class acc {row['class_accuracy']:.3f}, "
+                click.echo(f"{name} ({row['sampling_short']}): class acc {row['class_accuracy']:.3f}, "
                            f"FD-digits {row['fd_digits']:.2f}", err=True)
     summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides,
                "wall_s": time.perf_counter() - t_start, "rows": rows}

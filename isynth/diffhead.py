@@ -11,12 +11,10 @@ adaLN-Zero initialised so the head starts by predicting eps = 0; it predicts eps
 Sampling: respaced ancestral DDPM (MAR, 100 steps; temperature scales the noise term), or diffusers'
 single-step DPM-Solver++ of order 3 with ~8-14 steps (eMIGM, You et al. 2025). Classifier-free guidance
 happens inside the head: conditional and unconditional z share x_t at every step and
-eps = eps_u + w (eps_c - eps_u) (MAR). diffusers is imported lazily: it takes seconds to import.
+eps = eps_u + w (eps_c - eps_u) (MAR).
 """
 from __future__ import annotations
 
-import copy
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -25,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from isynth.backbone import _init_weights, modulate
 from isynth.config import check
+from isynth.embeddings import TimestepEmbedder
+from isynth.flops import matmul_flops
 from isynth.guidance import guide
+from isynth.layers import init_weights, modulate, zero_init
+from isynth.schedulers import fresh_scheduler
 
 NUM_TRAIN_STEPS = 1000  # the discrete training schedule (MAR, eMIGM)
-FREQ_DIM = 256          # sinusoidal time features (DiT's TimestepEmbedder)
 
 
 def cosine_alphas_cumprod(dtype: torch.dtype = torch.float32) -> Tensor:
@@ -41,15 +41,9 @@ def cosine_alphas_cumprod(dtype: torch.dtype = torch.float32) -> Tensor:
     return torch.cumprod(1 - betas, 0).to(dtype)
 
 
-# Both samplers start at T_MAX = 967, the largest t with logSNR = log(abar / (1 - abar)) / 2 >= LOGSNR_MIN,
-# not at t = 999: there the 0.999 cap on the betas makes abar_999 = abar_998 / 1000 (logSNR -9.9), and
-# x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) turns an error d in the predicted eps into 2e4 d. Below logSNR ~ -4
-# the signal sqrt(abar) x0 (< 0.02 x0) is smaller than a small trained head's eps error (~0.05), so steps there
-# only add error: DDPM gave outliers even from t = 998 (with a head trained for 400 steps), and DPM-Solver++
-# (an ODE, which forgives nothing) gives 5-18x the target variance from diffusers' advice for cosine schedules,
-# lambda_min_clipped = -5.1 (t = 995), on the tests' toy target. The price of -3: x_T ~ N(0, I) ignores
-# sqrt(abar) x0 = 0.05 x0, which DDPM's noise washes out and DPM-Solver++ keeps as a bias of ~0.05 x0
-# (measured with the exact eps); none for tokens standardised to mean 0 and variance 1.
+# Both samplers start at T_MAX, the largest t with logSNR >= LOGSNR_MIN, not at t = 999: the 0.999 cap makes
+# abar_999 tiny, where x0 = (x - sqrt(1 - abar) eps) / sqrt(abar) turns an eps error d into 2e4 d; below
+# logSNR ~ -4 a small trained head's eps error exceeds the signal. The measurements are in BENCHMARKS.md.
 LOGSNR_MIN = -3.0
 _ABAR = cosine_alphas_cumprod(torch.float64).tolist()  # the DDPM sampler's coefficients, in float64
 T_MAX = max(t for t, a in enumerate(_ABAR) if math.log(a / (1 - a)) / 2 >= LOGSNR_MIN)
@@ -57,48 +51,32 @@ T_MAX = max(t for t, a in enumerate(_ABAR) if math.log(a / (1 - a)) / 2 >= LOGSN
 
 @dataclass(frozen=True)
 class DiffHeadConfig:
-    """Training-side settings of the head; a paradigm's method config inherits them."""
+    """The head's network: `method.head` of every paradigm with continuous tokens."""
 
-    head_width: int = 256           # MLP width (MAR-B 1024, L 1280, H 1536)
-    head_depth: int = 3             # residual blocks (MAR-B 6, L 8, H 12)
+    width: int = 256                # MLP width (MAR-B 1024, L 1280, H 1536)
+    depth: int = 3                  # residual blocks (MAR-B 6, L 8, H 12)
     diffusion_batch_mul: int = 4    # independent (t, noise) draws per conditioning vector (MAR: 4)
 
     def __post_init__(self):
-        check(self.head_width > 0, "method.head_width must be > 0")
-        check(self.head_depth > 0, "method.head_depth must be > 0")
-        check(self.diffusion_batch_mul > 0, "method.diffusion_batch_mul must be > 0")
-        _next_post_init(super())
+        check(self.width > 0, "method.head.width must be > 0")
+        check(self.depth > 0, "method.head.depth must be > 0")
+        check(self.diffusion_batch_mul > 0, "method.head.diffusion_batch_mul must be > 0")
 
 
 @dataclass(frozen=True)
 class DiffHeadSampling:
-    """Sampling-side settings of the head; a paradigm's sample config inherits them (and adds temperature)."""
+    """How a continuous token is drawn from the head: `sample.head`."""
 
-    head_sampler: Literal["ddpm", "dpm++"] = "ddpm"
-    head_steps: int = 100           # DDPM: respaced steps (MAR 100); DPM-Solver++: 8-14 (eMIGM)
-    head_order: int = 3             # DPM-Solver++ order (eMIGM: 3, single-step)
+    sampler: Literal["ddpm", "dpm++"] = "ddpm"
+    steps: int = 100                # DDPM: respaced steps (MAR 100); DPM-Solver++: 8-14 (eMIGM)
+    order: int = 3                  # DPM-Solver++ order (eMIGM: 3, single-step)
+    temperature: float = 1.0        # scales DDPM's noise (MAR); the ODE solver has no noise term to scale
 
     def __post_init__(self):
-        check(self.head_sampler in ("ddpm", "dpm++"), "sample.head_sampler must be 'ddpm' or 'dpm++'")
         # At most one step per timestep from T_MAX down (more would repeat timesteps).
-        check(1 <= self.head_steps <= T_MAX, f"sample.head_steps must be in [1, {T_MAX}]")
-        check(self.head_order in (2, 3), "sample.head_order must be 2 or 3")
-        _next_post_init(super())
-
-
-def _next_post_init(parent) -> None:
-    """Cooperative __post_init__: a config inheriting several validated bases runs every check."""
-    post = getattr(parent, "__post_init__", None)
-    if post is not None:
-        post()
-
-
-def timestep_features(t: Tensor, dim: int = FREQ_DIM, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features (N, dim) of timesteps t (N,), cos then sin (DiT's TimestepEmbedder)."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]  # (N, half)
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        check(1 <= self.steps <= T_MAX, f"sample.head.steps must be in [1, {T_MAX}]")
+        check(self.order in (2, 3), "sample.head.order must be 2 or 3")
+        check(self.temperature > 0, "sample.head.temperature must be > 0")
 
 
 class _Block(nn.Module):
@@ -119,7 +97,7 @@ class _Denoiser(nn.Module):
     def __init__(self, token_dim: int, w: int, depth: int):
         super().__init__()
         self.input_proj = nn.Linear(token_dim, w)
-        self.time_embed = nn.Sequential(nn.Linear(FREQ_DIM, w), nn.SiLU(), nn.Linear(w, w))
+        self.time_embed = TimestepEmbedder(w)
         self.blocks = nn.ModuleList(_Block(w) for _ in range(depth))
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_modulation = nn.Linear(w, 2 * w)
@@ -127,7 +105,7 @@ class _Denoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
         """x (R, D) noisy tokens, t (R,) timesteps or (1,) for all rows, cond (R, W). Returns eps (R, D)."""
-        c = self.time_embed(timestep_features(t).to(cond.dtype)) + cond  # (R, W); a (1, W) time row broadcasts
+        c = self.time_embed(t, cond.dtype) + cond  # (R, W); a (1, W) time row broadcasts
         silu_c = F.silu(c)
         h = self.input_proj(x.to(cond.dtype))  # runs in the dtype of z (or of autocast)
         for blk in self.blocks:
@@ -139,17 +117,14 @@ class _Denoiser(nn.Module):
 class DiffusionHead(nn.Module):
     """Models p(x | z) of a token x (token_dim) given the transformer output z (cond_width)."""
 
-    discrete = False  # the token-head contract shared with isynth.heads.CategoricalHead
-
     def __init__(self, cond_width: int, token_dim: int, cfg: DiffHeadConfig):
         super().__init__()
-        self.cfg, self.cond_width, self.token_dim, self.width = cfg, cond_width, token_dim, cfg.head_width
-        self.cond_proj = nn.Linear(cond_width, cfg.head_width)
-        self.net = _Denoiser(token_dim, cfg.head_width, cfg.head_depth)
-        self.apply(_init_weights)
-        for m in [blk.modulation for blk in self.net.blocks] + [self.net.final_modulation, self.net.out_proj]:
-            nn.init.zeros_(m.weight)  # adaLN-Zero (DiT sec. 3.2): identity blocks, eps = 0 at the start
-            nn.init.zeros_(m.bias)
+        self.cfg, self.cond_width, self.token_dim, self.width = cfg, cond_width, token_dim, cfg.width
+        self.cond_proj = nn.Linear(cond_width, cfg.width)
+        self.net = _Denoiser(token_dim, cfg.width, cfg.depth)
+        self.apply(init_weights)
+        # adaLN-Zero: identity blocks, eps = 0 at the start
+        zero_init(*[blk.modulation for blk in self.net.blocks], self.net.final_modulation, self.net.out_proj)
         # Non-persistent: fixed by the schedule, kept out of checkpoints, follows .to(device).
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(), persistent=False)
 
@@ -166,23 +141,22 @@ class DiffusionHead(nn.Module):
         return mse.view(mul, m).mean(0)  # (M,)
 
     @torch.no_grad()
-    def sample(self, z: Tensor, sampling, cfg_weight: float | None = None,
+    def sample(self, z: Tensor, sampling: DiffHeadSampling, cfg_weight: float | None = None,
                generator: torch.Generator | None = None) -> Tensor:
         """Tokens (B, token_dim) in z's dtype. z is (B, C), or (2B, C) = [conditional; unconditional] when
-        cfg_weight is given. `sampling` has head_sampler, head_steps, head_order and temperature. Both
-        samplers start from x_T ~ N(0, I) at t = T_MAX (see LOGSNR_MIN)."""
+        cfg_weight is given. Both samplers start from x_T ~ N(0, I) at t = T_MAX (see LOGSNR_MIN)."""
         if cfg_weight is not None and z.shape[0] % 2:
             raise ValueError("with cfg_weight, z must stack conditional and unconditional rows (2B, C)")
         cond = self.cond_proj(z)  # (R, W): once per call, not per step
         b = z.shape[0] if cfg_weight is None else z.shape[0] // 2
         x = torch.randn(b, self.token_dim, generator=generator, device=z.device)  # x_T; float32 solver state
-        if sampling.head_sampler == "ddpm":
-            ts = ddpm_timesteps(sampling.head_steps)
+        if sampling.sampler == "ddpm":
+            ts = ddpm_timesteps(sampling.steps)
             for t, prev in zip(ts, ts[1:] + [-1]):
                 noise = torch.randn(x.shape, generator=generator, device=x.device)
                 x = ddpm_step(t, prev, x, self._eps(x, t, cond, cfg_weight), sampling.temperature * noise)
         else:  # an ODE solver: there is no noise term for temperature to scale, so it is ignored (as in eMIGM)
-            solver = _dpm_solver(sampling.head_steps, sampling.head_order)
+            solver = dpm_solver(sampling.steps, sampling.order)
             for t in solver.timesteps.tolist():
                 x = solver.step(self._eps(x, t, cond, cfg_weight), t, x).prev_sample
         return x.to(z.dtype)
@@ -195,34 +169,25 @@ class DiffusionHead(nn.Module):
         eps_c, eps_u = self.net(torch.cat([x, x]), t_row, cond).float().chunk(2)  # 2 x (B, D); one x_t (MAR)
         return guide(eps_c, eps_u, cfg_weight)
 
-    def num_evals(self, sampling) -> int:
-        """Network evaluations per `sample` call: one per step for both samplers (tested)."""
-        return sampling.head_steps
-
-    # FLOPs: 2*m*k*n per Linear (SPEC 2). The backward pass costs 2x the forward where the layer's input
-    # needs a gradient (input and weight gradients) and 1x where it does not (weight gradient only).
-    def _linears(self, rows: int, time_rows: int) -> list[tuple[int, int, int, bool]]:
-        """(m, k, n, input needs grad) of every Linear in one denoiser evaluation on `rows` rows, with the
-        time embedding computed for `time_rows` rows; cond_proj is not included (it runs once per call)."""
+    # FLOPs: `matmul_flops` per Linear; in training a layer reading noisy tokens or time features has no
+    # input gradient.
+    def _denoiser_flops(self, rows: int, time_rows: int, train: bool) -> int:
+        """One denoiser evaluation on `rows` rows, with the time embedding computed for `time_rows` rows."""
         w, d = self.width, self.token_dim
-        block = [(rows, w, 3 * w, True), (rows, w, w, True), (rows, w, w, True)]
-        return ([(rows, d, w, False), (time_rows, FREQ_DIM, w, False), (time_rows, w, w, True)]
-                + block * self.cfg.head_depth + [(rows, w, 2 * w, True), (rows, w, d, True)])
-
-    @staticmethod
-    def _flops(linears: list[tuple[int, int, int, bool]], train: bool) -> int:
-        return sum(2 * m * k * n * ((3 if grad else 2) if train else 1) for m, k, n, grad in linears)
+        block = matmul_flops(rows, w, 3 * w, train) + 2 * matmul_flops(rows, w, w, train)
+        return (matmul_flops(rows, d, w, train, input_grad=False) + self.net.time_embed.flops(time_rows, train)
+                + self.cfg.depth * block + matmul_flops(rows, w, 2 * w, train) + matmul_flops(rows, w, d, train))
 
     def train_flops(self, num_tokens: int) -> int:
         """Forward + backward FLOPs of `loss` on num_tokens tokens whose z requires grad."""
         rows = num_tokens * self.cfg.diffusion_batch_mul
-        return self._flops(self._linears(rows, rows) + [(num_tokens, self.cond_width, self.width, True)], True)
+        return self._denoiser_flops(rows, rows, True) + matmul_flops(num_tokens, self.cond_width, self.width, True)
 
-    def sample_flops(self, num_tokens: int, sampling, cfg: bool) -> int:
-        """FLOPs of one `sample` call generating num_tokens tokens (twice the rows with CFG)."""
+    def sample_flops(self, num_tokens: int, sampling: DiffHeadSampling, cfg: bool) -> int:
+        """FLOPs of one `sample` call generating num_tokens tokens (twice the rows with CFG): cond_proj
+        once, then one denoiser evaluation per step, for both samplers (tested)."""
         rows = num_tokens * (2 if cfg else 1)
-        cond = self._flops([(rows, self.cond_width, self.width, False)], train=False)
-        return cond + self.num_evals(sampling) * self._flops(self._linears(rows, 1), train=False)
+        return matmul_flops(rows, self.cond_width, self.width) + sampling.steps * self._denoiser_flops(rows, 1, False)
 
 
 def ddpm_timesteps(steps: int, t_max: int = T_MAX) -> list[int]:
@@ -242,21 +207,12 @@ def ddpm_step(t: int, prev: int, x: Tensor, eps: Tensor, noise: Tensor) -> Tenso
     return mean + math.sqrt(beta * (1 - a_p) / (1 - a_t)) * noise
 
 
-def _dpm_solver(steps: int, order: int):
-    """A fresh DPM-Solver++ scheduler (schedulers are stateful): a copy of a cached one, 4x cheaper."""
-    return copy.deepcopy(_dpm_solver_template(steps, order))
-
-
-@functools.lru_cache(maxsize=32)
-def _dpm_solver_template(steps: int, order: int):
-    import diffusers  # lazy: importing diffusers takes seconds and only this sampler needs it
-
-    # Single-step DPM-Solver++ on the discrete cosine schedule, eps-prediction, time-uniform steps (eMIGM
-    # spaces by logSNR; with integer timesteps diffusers' logSNR-like spacings repeat t near 999 and fail).
-    # lower_order_final=True is what diffusers forces anyway with its final sigma of zero.
-    s = diffusers.DPMSolverSinglestepScheduler(
-        num_train_timesteps=NUM_TRAIN_STEPS, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
-        algorithm_type="dpmsolver++", solver_order=order, lower_order_final=True,
-        lambda_min_clipped=LOGSNR_MIN)  # starts at T_MAX too (tested)
-    s.set_timesteps(steps)
-    return s
+def dpm_solver(steps: int, order: int):
+    """diffusers' single-step DPM-Solver++ on the discrete cosine schedule, eps-prediction, time-uniform steps
+    (eMIGM spaces by logSNR; with integer timesteps diffusers' logSNR-like spacings repeat t near 999 and
+    fail). lower_order_final=True is what diffusers forces anyway with its final sigma of zero; it starts at
+    T_MAX too (tested)."""
+    return fresh_scheduler("DPMSolverSinglestepScheduler", steps, num_train_timesteps=NUM_TRAIN_STEPS,
+                           beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                           algorithm_type="dpmsolver++", solver_order=order, lower_order_final=True,
+                           lambda_min_clipped=LOGSNR_MIN)

@@ -1,4 +1,8 @@
-"""Counting FLOPs with `torch.utils.flop_counter`, which checks every analytic count (SPEC 2).
+"""Matmul FLOPs: the one analytic formula, and the `torch.utils.flop_counter` count that checks it.
+
+A matmul of (m, k) by (k, n) costs 2 m k n FLOPs. In training, a Linear's backward pass costs 2x its
+forward (input and weight gradients) where its input needs a gradient and 1x (the weight gradient only)
+where it does not, e.g. a layer reading data or fixed features.
 
 PyTorch's FlopCounterMode knows the CUDA attention kernels but not the CPU flash-attention kernel that
 `scaled_dot_product_attention` dispatches to on CPU, so on CPU attention would silently count as zero.
@@ -12,6 +16,15 @@ from torch.utils.flop_counter import FlopCounterMode, register_flop_formula, sdp
 
 _aten = torch.ops.aten
 _registered = False
+
+
+def matmul_flops(rows: int | float, fan_in: int, fan_out: int, train: bool = False,
+                 input_grad: bool = True) -> int | float:
+    """FLOPs of a Linear(fan_in, fan_out) on `rows` rows: forward, or forward + backward with `train`."""
+    forward = 2 * rows * fan_in * fan_out
+    if not train:
+        return forward
+    return forward * (3 if input_grad else 2)
 
 
 def _register_cpu_attention() -> None:

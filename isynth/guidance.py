@@ -1,50 +1,60 @@
-"""Classifier-free guidance schedules and the categorical draw, as pure functions.
+"""Classifier-free guidance (Ho & Salimans 2022): one `Guidance` value that every guided sampler carries as
+`sample.guidance`, and the mixing rule uncond + w * (cond - uncond).
 
-A schedule maps sampling progress to a guidance weight w; `guide` mixes the conditional and
-unconditional outputs as uncond + w * (cond - uncond) (Ho & Salimans 2022).
+A schedule maps sampling progress p in [0, 1] to the weight w. What p counts is the sampler's to say:
+tokens generated before the step for next-token prediction (RAR's pow-cosine schedule), tokens revealed
+after the step for the masked samplers (MAR's linear schedule), 1 - t for flow matching. The interval
+(t_min, t_max] limits guidance to steps whose time t lies in it; outside it no unconditional pass runs at
+all (eMIGM, You et al. 2025; the guidance interval of Kynkäänniemi et al. 2024).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
-import torch
 from torch import Tensor
 
+from isynth.config import check, finite
 
-def pow_cosine_scale(step: int, num_steps: int, cfg_scale: float, cfg_pow: float) -> float:
-    """RAR's schedule (seed 001 ref): w rises from 1 to g as (1 - cos(pi * (s/N)^pow)) / 2.
 
-    pow = 0 gives the constant weight g (0 ** 0 == 1).
-    """
-    frac = (step / num_steps) ** cfg_pow
-    return 1.0 + (cfg_scale - 1.0) * (1.0 - math.cos(frac * math.pi)) / 2.0
+@dataclass(frozen=True)
+class Guidance:
+    scale: float = 1.0            # w at full strength; 1 = no guidance (no unconditional pass)
+    schedule: Literal["constant", "linear", "pow-cosine"] = "constant"
+    pow: float = 1.0              # pow-cosine: w = 1 + (scale - 1) (1 - cos(pi p^pow)) / 2 (RAR)
+    t_min: float = 0.0            # guide only steps whose time t is in (t_min, t_max]
+    t_max: float = 1.0
+
+    def __post_init__(self):
+        check(self.scale >= 0 and finite(self.scale),
+              f"sample.guidance.scale must be a finite number >= 0, got {self.scale}")
+        check(self.pow >= 0 and finite(self.pow), f"sample.guidance.pow must be a finite number >= 0, got {self.pow}")
+        check(0 <= self.t_min < self.t_max <= 1,
+              f"sample.guidance.t_min and sample.guidance.t_max must satisfy 0 <= t_min < t_max <= 1, "
+              f"got {self.t_min} and {self.t_max}")
+
+    @property
+    def on(self) -> bool:
+        return self.scale != 1.0
+
+    @property
+    def whole_range(self) -> bool:
+        """True if the interval covers every step."""
+        return self.t_min == 0.0 and self.t_max == 1.0
+
+    def weight(self, progress: float, t: float | None = None) -> float | None:
+        """w for a step at `progress` (and time t, where the sampler has one), or None where the step runs
+        no unconditional pass: without guidance, or outside the interval."""
+        if not self.on or (t is not None and not self.t_min < t <= self.t_max):
+            return None
+        if self.schedule == "constant":
+            return self.scale
+        if self.schedule == "linear":  # MAR: 1 + (w - 1) * revealed / N
+            return 1.0 + (self.scale - 1.0) * progress
+        # RAR's pow-cosine; pow = 0 is constant (0 ** 0 == 1)
+        return 1.0 + (self.scale - 1.0) * (1.0 - math.cos(progress ** self.pow * math.pi)) / 2.0
 
 
 def guide(cond: Tensor, uncond: Tensor, weight: float) -> Tensor:
     return uncond + weight * (cond - uncond)
-
-
-def filter_logits(logits: Tensor, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Keep the top-k logits and/or the smallest set whose probability reaches top_p (nucleus)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the first token that crosses top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def draw(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """Sample ids from softmax(logits / T) by inverting the CDF with one uniform per row.
-
-    One uniform per row (rather than torch.multinomial) makes the draw a function of the generator
-    state alone, so two numerically identical logit tensors give the same ids (KV cache vs none).
-    """
-    probs = (logits.float() / temperature).softmax(-1)  # (B, V)
-    u = torch.rand(probs.shape[:-1] + (1,), generator=generator, device=probs.device)
-    ids = torch.searchsorted(probs.cumsum(-1), u, right=True).squeeze(-1)
-    return ids.clamp_(max=probs.shape[-1] - 1)

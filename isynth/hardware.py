@@ -1,7 +1,8 @@
 """Devices, distributed set-up and the peak FLOP/s that MFU is measured against.
 
-MFU = achieved training FLOP/s / peak FLOP/s (SPEC 2). On CPU the peak is *measured* (an fp32 matmul,
-cached per machine); on CUDA it is the datasheet dense bf16 figure for known GPUs, else measured.
+MFU = achieved training FLOP/s / peak FLOP/s (model FLOPs utilisation, PaLM, Chowdhery et al. 2022). On CPU
+the peak is *measured* (an fp32 matmul, cached per machine); on CUDA it is the datasheet dense bf16 figure for
+known GPUs, else measured.
 """
 from __future__ import annotations
 
@@ -20,7 +21,9 @@ _DATASHEET_BF16 = {"H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12,
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ISYNTH_CACHE", Path.home() / ".cache" / "isynth"))
+    """Where measured peaks and feature nets are cached: $ISYNTH_CACHE, else ~/.cache/isynth."""
+    env = os.environ.get("ISYNTH_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "isynth"
 
 
 def default_device() -> torch.device:

@@ -1,6 +1,6 @@
-"""Mask schedules, ELBO weights and reveal schedules shared by the masked paradigms (SPEC 1.3-1.5).
+"""Mask schedules, ELBO weights and reveal schedules shared by the masked paradigms (MaskGIT, eMIGM, MAR).
 
-eMIGM (seed 004, Table 1) shows MaskGIT, MAR and masked diffusion differ only by the masking
+eMIGM (You et al. 2025, Table 1) shows MaskGIT, MAR and masked diffusion differ only by the masking
 distribution, the loss weighting and the conditional distribution; these pure functions are the first
 two. A schedule gamma(t) is the masked fraction at time t: gamma(0) = 0 (clean), gamma(1) = 1 (all masked).
 """
@@ -47,7 +47,7 @@ def inverse_mask_fraction(schedule: MaskSchedule, y: Tensor) -> Tensor:
 
 
 def elbo_weight(schedule: MaskSchedule, t: Tensor) -> Tensor:
-    """The masked-diffusion ELBO weight gamma'(t) / gamma(t) (seed 004 eq. 3; Shi et al. 2024)."""
+    """The masked-diffusion ELBO weight gamma'(t) / gamma(t) (eMIGM eq. 3; Shi et al. 2024)."""
     if schedule == "linear":
         return 1 / t
     if schedule == "cosine":

@@ -8,7 +8,9 @@ import torch
 from isynth.backbone import Transformer
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
-from isynth.paradigms import build_paradigm
+from isynth.overrides import apply
+from isynth.paradigms import build_paradigm, paradigm_class
+from isynth.paradigms.ar import ARSampling
 from isynth.presets import make_run
 from isynth.tokenizers import ShapeOnly, build_tokenizer
 
@@ -37,13 +39,15 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
     with torch.device("meta"):
         model = build_paradigm(run, tokenizer, classes)
     s = run.sample
-    variants = {}
-    variants["as_configured"] = model.sample_flops(s)
-    if hasattr(s, "cfg_scale"):  # GET has no guidance
-        variants["no_cfg"] = model.sample_flops(dataclasses.replace(s, cfg_scale=1.0))
-    if hasattr(s, "kv_cache"):
-        variants["no_kv_cache"] = model.sample_flops(dataclasses.replace(s, kv_cache=False))
-        variants["no_kv_cache_no_cfg"] = model.sample_flops(dataclasses.replace(s, kv_cache=False, cfg_scale=1.0))
+    variants = {"as_configured": model.sample_flops(s)}
+    changes = {}
+    if paradigm_class(paradigm).guided:
+        changes["no_cfg"] = {"guidance.scale": 1.0}
+    if isinstance(s, ARSampling):
+        changes["no_kv_cache"] = {"kv_cache": False}
+        changes["no_kv_cache_no_cfg"] = {"kv_cache": False, "guidance.scale": 1.0}
+    for name, change in changes.items():
+        variants[name] = model.sample_flops(apply(s, change, "sample."))
     return {
         "paradigm": paradigm,
         "preset": preset,

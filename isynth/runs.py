@@ -7,32 +7,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isynth.checkpoint import CHECKPOINT, load_checkpoint, load_weights, read_config_dict
-from isynth.config import DataConfig, ModelConfig, RunConfig, TokenizerConfig, TrainConfig, from_dict
+from isynth.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, load_weights, read_config_dict
+from isynth.config import RunConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import IsynthError
 from isynth.hardware import default_device
-from isynth.paradigms import build_paradigm, paradigm_class
+from isynth.paradigms import build_paradigm, run_from_dict
 from isynth.paradigms.base import Paradigm
 from isynth.tokenizers import build_tokenizer
 
 
-def run_from_dict(d: dict) -> RunConfig:
-    cls = paradigm_class(d["paradigm"])
+def read_run_config(run_dir: Path) -> RunConfig:
+    """The RunConfig of a run directory (its config.json, every value checked)."""
+    data = read_config_dict(run_dir)
     try:
-        return RunConfig(paradigm=d["paradigm"], model=from_dict(ModelConfig, d["model"]),
-                         method=from_dict(cls.Config, d["method"]), sample=from_dict(cls.SampleConfig, d["sample"]),
-                         data=from_dict(DataConfig, d["data"]), tokenizer=from_dict(TokenizerConfig, d["tokenizer"]),
-                         train=from_dict(TrainConfig, d["train"]))
-    except (KeyError, TypeError) as e:
-        raise IsynthError(f"config.json is incomplete or malformed ({e})") from None
+        return run_from_dict(data)
+    except IsynthError as e:
+        raise IsynthError(f"{Path(run_dir) / CONFIG}: {e}") from None
 
 
 def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | None = None
                  ) -> tuple[Paradigm, ImageDataset, dict]:
     """The run's model (EMA weights by default) in eval mode, its dataset and checkpoint metadata."""
     run_dir = Path(run_dir)
-    run = run_from_dict(read_config_dict(run_dir))
+    run = read_run_config(run_dir)
     ckpt = run_dir / CHECKPOINT
     if not ckpt.is_file():
         raise IsynthError(f"{run_dir} has no checkpoint yet; run `isynth train` first")
@@ -49,8 +47,9 @@ def cycling_labels(num: int, num_classes: int) -> np.ndarray:
 
 
 def generate(model: Paradigm, labels: np.ndarray, sampling=None, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Images (uint8 NHWC) for `labels`, in batches of sampling.batch_size; returns (images, seconds)."""
-    s = model.sampling_or_default(sampling)
+    """Images (uint8 NHWC) for `labels`, in batches of sampling.batch_size (default: the run's sampling
+    settings); returns (images, seconds)."""
+    s = sampling or model.run.sample
     dev = model.device
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = []

@@ -19,10 +19,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from isynth.checkpoint import CHECKPOINT, LOG, atomic_write_text, load_checkpoint, load_weights, prepare_run_dir, save_checkpoint
+from isynth.checkpoint import CHECKPOINT, LOG, load_checkpoint, load_weights, prepare_run_dir, save_checkpoint
 from isynth.config import RunConfig, TrainConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import IsynthError
+from isynth.files import atomic_write_text
 from isynth.hardware import default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
@@ -130,7 +131,7 @@ def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: 
 
 
 def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (SPEC 5); fp32 on CPU, where bf16 matmuls are ~100x slower here."""
+    """bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are ~100x slower than fp32 (BENCHMARKS.md)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 

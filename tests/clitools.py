@@ -10,10 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 TIMEOUT_S = 300
 WORKERS = (os.cpu_count() or 2) + 1  # start-up is partly I/O: one more process than cores keeps them busy
@@ -84,3 +87,57 @@ TRAIN_TINY = ("--preset", "tiny", "--steps", "2", "--quiet")
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+@dataclass
+class Case:
+    """A command that must fail cleanly; `watch`ed paths must be exactly as before (or still absent)."""
+
+    args: list
+    fragments: tuple[str, ...] = ()
+    watch: list[Path] = field(default_factory=list)
+    cwd: Path | None = None
+
+
+class Cases(dict):
+    """name -> builder(case_dir, runs) -> Case. Most of the time of a failing command is Python and torch
+    start-up, so a test module's cases are launched together (a few processes at a time) by `run`."""
+
+    def add(self, name: str):
+        def register(builder: Callable[[Path, dict[str, Path]], Case]):
+            self[name] = builder
+            return builder
+        return register
+
+    def run(self, runs: dict[str, Path], base: Path) -> dict:
+        """Build every case in its own directory, snapshot what it watches, run all, snapshot again:
+        name -> (case, result, before, after)."""
+        built = {}
+        for name, builder in self.items():
+            d = base / name
+            d.mkdir()
+            built[name] = builder(d, runs)
+        watched = {p for c in built.values() for p in c.watch}
+        before = {p: snapshot(p) for p in watched}
+        with ThreadPoolExecutor(WORKERS) as pool:
+            futures = {name: pool.submit(run_cli, *c.args, cwd=c.cwd) for name, c in built.items()}
+            results = {name: f.result() for name, f in futures.items()}
+        after = {p: snapshot(p) for p in watched}
+        return {name: (c, results[name], before, after) for name, c in built.items()}
+
+
+def case_tests(cases: Cases, name: str):
+    """A module fixture that runs `cases` and a test per case: one line on stderr naming the problem, exit
+    2, and every watched path as it was. Call at the end of the module, once every case is registered."""
+    @pytest.fixture(scope="module")
+    def outcomes(runs, tmp_path_factory):
+        return cases.run(runs, tmp_path_factory.mktemp(name))
+
+    @pytest.mark.parametrize("case", list(cases))
+    def test_fails_cleanly(case, outcomes):
+        c, result, before, after = outcomes[case]
+        assert_error(result, *c.fragments)
+        for path in c.watch:
+            assert after[path] == before[path], f"{path} changed"
+
+    return outcomes, test_fails_cleanly

@@ -2,10 +2,13 @@ import os
 import tempfile
 from pathlib import Path
 
-import pytest
-
 import isynth  # noqa: F401  (sets the MKL reproducibility variables before torch loads MKL)
+
+# isort: split
+import pytest
 import torch
+
+from isynth.hardware import peak_flops
 
 # Keep the feature-net / peak-FLOPs cache out of the user's home during tests.
 os.environ.setdefault("ISYNTH_CACHE", tempfile.mkdtemp(prefix="isynth-test-cache-"))
@@ -20,6 +23,32 @@ def _deterministic():
 def shared_cache() -> Path:
     """The session's ISYNTH_CACHE (set above): the feature net is trained once for every CLI test."""
     return Path(os.environ["ISYNTH_CACHE"])
+
+
+@pytest.fixture(scope="session")
+def cache(tmp_path_factory):
+    """One ISYNTH_CACHE for the training tests, with the 1-thread CPU peak measured once."""
+    path = tmp_path_factory.mktemp("isynth-cache")
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ISYNTH_CACHE", str(path))
+        torch.set_num_threads(1)
+        try:
+            peak_flops(torch.device("cpu"))
+        finally:
+            torch.set_num_threads(threads)
+    return path
+
+
+@pytest.fixture
+def one_thread(cache, monkeypatch):
+    """Training tests train in-process on one thread (the tiny model gains nothing from more; steady under
+    load); use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    monkeypatch.setenv("ISYNTH_CACHE", str(cache))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import torch
 
 from isynth.backbone import Transformer
 from isynth.config import ModelConfig
+from isynth.overrides import apply
 from isynth.presets import make_run
 from isynth.trainer import build
 
@@ -74,9 +75,9 @@ def test_ar_cached_logits_equal_teacher_forced_logits(ar_model):
 def test_ar_samples_identical_with_and_without_cache(ar_model):
     s = ar_model.run.sample
     labels = torch.arange(10)
-    for cfg_scale in (1.0, 3.0):
-        a = ar_model.sample(labels, s.__class__(kv_cache=True, cfg_scale=cfg_scale), torch.Generator().manual_seed(3))
-        b = ar_model.sample(labels, s.__class__(kv_cache=False, cfg_scale=cfg_scale), torch.Generator().manual_seed(3))
+    for scale in (1.0, 3.0):
+        a, b = (ar_model.sample(labels, apply(s, {"kv_cache": kv, "guidance.scale": scale}, "sample."),
+                                torch.Generator().manual_seed(3)) for kv in (True, False))
         assert torch.equal(a, b)
 
 
@@ -113,7 +114,7 @@ def test_analytic_param_count(adaln, qk_norm):
 
 def test_ar_sampling_under_bf16_autocast(ar_model):
     """The GPU path (bf16 autocast) exercised on CPU: the KV cache takes the autocast dtype."""
-    s = ar_model.run.sample.__class__(kv_cache=True, cfg_scale=2.0)
+    s = apply(ar_model.run.sample, {"kv_cache": True, "guidance.scale": 2.0}, "sample.")
     with torch.autocast("cpu", dtype=torch.bfloat16):
         tokens = ar_model.sample(torch.arange(3), s, torch.Generator().manual_seed(0))
     assert tokens.shape == (3, ar_model.seq_len) and tokens.max() < ar_model.tokenizer.vocab_size

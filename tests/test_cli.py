@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from clitools import TRAIN_TINY, good_arrays, ok, run_cli, run_many, snapshot, write_npz
+
 from isynth.paradigms import PARADIGMS
 
 
@@ -51,7 +51,7 @@ def test_sample_writes_npz_and_grid_and_kv_cache_is_exact(run_a, tmp_path):
                           (*common, "--out", tmp_path / "nokv.npz", "--no-kv-cache")])
     info, info2 = json.loads(ok(kv).stdout), json.loads(ok(no_kv).stdout)
     assert info["num_samples"] == 20 and info["sampling"]["kv_cache"] is True
-    assert info["sampling"]["cfg_scale"] == 2.0 and info2["sampling"]["kv_cache"] is False
+    assert info["sampling"]["guidance"]["scale"] == 2.0 and info2["sampling"]["kv_cache"] is False
     assert info2["sample_flops_per_image"] > info["sample_flops_per_image"]
     with np.load(tmp_path / "kv" / "s.npz") as f:
         assert sorted(f.files) == ["arr_0", "labels"]
@@ -92,11 +92,11 @@ def test_flops(tmp_path):
         assert isinstance(info[key], int) and info[key] > 0, key
     assert (info["width"], info["depth"], info["seq_len"]) == (32, 2, 64)
     info = json.loads(ok(rar_b).stdout)
-    assert abs(info["params"] - 261e6) / 261e6 < 0.02, info["params"]  # RAR-B: 261M (seed 001 Table 1)
+    assert abs(info["params"] - 261e6) / 261e6 < 0.02, info["params"]  # RAR-B: 261M (RAR Table 1)
     assert (info["seq_len"], info["vocab_size"], info["width"], info["depth"]) == (256, 1024, 768, 24)
 
 
-# GET's parameter counts (seed 000, reference STAT.md) at CIFAR-10's grid: 32x32x3 in 2x2 patches.
+# GET's parameter counts (locuslab/get STAT.md) at CIFAR-10's grid: 32x32x3 in 2x2 patches.
 GET_PARAMS = {"get-t": 8.6e6, "get-m": 19.2e6, "get-s": 37.2e6, "get-b": 62.2e6, "get-b+": 83.5e6}
 
 
@@ -121,7 +121,8 @@ def test_compare_tiny(tmp_path):
     guided = [p for p in PARADIGMS if p != "get"]  # get has no guidance: one row
     names = [r["paradigm"] for r in summary["rows"]]
     assert names == [n for p in guided for n in (p, p)] + ["get"]  # without guidance, then the preset's g = 2
-    assert [r["sampling"].get("cfg_scale") for r in summary["rows"]] == [1.0, 2.0] * len(guided) + [None]
+    scales = [r["sampling"].get("guidance", {}).get("scale") for r in summary["rows"]]
+    assert scales == [1.0, 2.0] * len(guided) + [None]
     assert summary["train_flops_budget"] == 2e9
     for row in summary["rows"]:
         assert 0 < row["train_flops"] <= 2e9 and row["step"] >= 1
@@ -129,7 +130,8 @@ def test_compare_tiny(tmp_path):
     get = summary["rows"][-1]
     teacher = json.loads((out / "diffusion" / "metrics.json").read_text())
     assert get["teacher_train_flops"] == teacher["train_flops"] and get["num_pairs"] == 96
-    assert get["pair_flops"] == 96 * json.loads((out / "get-pairs" / "pairs.json").read_text())["teacher_sample_flops_per_pair"]
+    manifest = json.loads((out / "get-pairs" / "pairs.json").read_text())
+    assert get["pair_flops"] == 96 * manifest["teacher_sample_flops_per_pair"]
     md = (out / "results.md").read_text()
     for name in PARADIGMS:
         assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == (1 if name == "get" else 2), md

@@ -1,122 +1,22 @@
-"""Bad input on the `isynth` command line, run as real subprocesses.
+"""Bad input on the `isynth` command line, run as real subprocesses: configs, overrides, budgets, run
+directories, checkpoints, sampling, pairs (bad data files: test_cli_data_errors.py).
 
 Project rule: ONE line on stderr starting with `isynth: error:` that names the problem, exit status 2, no
-Python traceback, and no half-written run directory, checkpoint or pair shard. Most of the time of a failing
-command is Python and torch start-up, so the cases are launched together (a few processes at a time) by one
-module fixture and checked one test per case.
+Python traceback, and no half-written run directory, checkpoint or pair shard.
 """
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import pytest
+from clitools import TRAIN_TINY, Case, Cases, case_tests, copy_run
 
-from clitools import (TRAIN_TINY, WORKERS, assert_error, copy_run, good_arrays, run_cli, savez, snapshot,
-                      write_npz)
+from isynth.presets import make_run
 
-# --- bad input: the cases ---------------------------------------------------------------------------
-
-@dataclass
-class Case:
-    """A command that must fail cleanly; `watch`ed paths must be exactly as before (or still absent)."""
-
-    args: list
-    fragments: tuple[str, ...] = ()
-    watch: list[Path] = field(default_factory=list)
-    cwd: Path | None = None
-
-
-CASES: dict[str, Callable[[Path, dict[str, Path]], Case]] = {}  # name -> builder(case_dir, runs)
-
-
-def case(name: str):
-    def register(builder):
-        CASES[name] = builder
-        return builder
-    return register
-
-
-def _train(d: Path, data, *fragments, extra=()) -> Case:
-    return Case(["train", "ar", "--dataset", data, "--out", d / "run", *TRAIN_TINY, *extra], fragments, [d])
-
-
-# .npz datasets -------------------------------------------------------------------------------------
-
-def _npz_case(name: str, make: Callable[[Path], Path | None], *fragments: str):
-    @case(f"npz-{name}")
-    def build(d: Path, runs) -> Case:
-        f = d / "data.npz"
-        made = make(f)
-        return _train(d, made or f, *fragments)
-
-
-IMAGES, LABELS = good_arrays()
-
-
-def _damaged_compressed(f: Path) -> None:
-    with open(f, "wb") as fh:  # np.savez_compressed with damaged deflate data
-        np.savez_compressed(fh, arr_0=np.tile(IMAGES, (10, 1, 1, 1)), labels=np.tile(LABELS, 10))
-    data = bytearray(f.read_bytes())
-    for i in range(60, 110):
-        data[i] ^= 0x5A
-    f.write_bytes(bytes(data))
-
-
-def _truncated(f: Path) -> None:
-    write_npz(f, IMAGES, LABELS)
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-
-
-def _with_label(value, dtype=np.int64):
-    def make(f: Path) -> None:
-        labels = LABELS.astype(dtype)
-        labels[5] = value
-        write_npz(f, IMAGES, labels)
-    return make
-
-
-def _npy_named_npz(f: Path) -> None:
-    with open(f, "wb") as fh:
-        np.save(fh, IMAGES)
-
-
-def _npy(f: Path) -> Path:
-    np.save(f.with_suffix(".npy"), IMAGES)
-    return f.with_suffix(".npy")
-
-
-_npz_case("missing", lambda f: f.with_name("nope.npz"), "not found", "nope.npz")
-_npz_case("random-bytes", lambda f: f.write_bytes(np.random.default_rng(1).bytes(4096)) and None,
-          "data.npz", "not a readable .npz")
-_npz_case("empty-file", lambda f: f.write_bytes(b"") and None, "data.npz", "not a readable .npz")
-_npz_case("truncated", _truncated, "data.npz", "not a readable .npz")
-_npz_case("corrupt-compressed", _damaged_compressed, "data.npz", "not a readable .npz")
-_npz_case("no-labels", lambda f: write_npz(f, IMAGES) and None, "missing", "labels")
-_npz_case("no-arr_0", lambda f: savez(f, images=IMAGES, labels=LABELS), "missing", "arr_0")
-_npz_case("images-float32", lambda f: write_npz(f, IMAGES.astype(np.float32), LABELS) and None, "uint8", "float32")
-_npz_case("images-ndim3", lambda f: write_npz(f, IMAGES[..., 0], LABELS) and None, "shape", "[40, 8, 8]")
-_npz_case("images-2-channels", lambda f: write_npz(f, np.concatenate([IMAGES, IMAGES], -1), LABELS) and None,
-          "shape", "[40, 8, 8, 2]")
-_npz_case("images-zero-height", lambda f: write_npz(f, np.zeros((40, 0, 8, 1), np.uint8), LABELS) and None,
-          "shape", "[40, 0, 8, 1]")
-_npz_case("one-image", lambda f: write_npz(f, IMAGES[:1], LABELS[:1]) and None, "at least 2")
-_npz_case("labels-wrong-length", lambda f: write_npz(f, IMAGES, LABELS[:-3]) and None, "labels", "[40]", "[37]")
-_npz_case("labels-2d", lambda f: write_npz(f, IMAGES, LABELS[:, None]) and None, "labels", "[40, 1]")
-_npz_case("labels-float", lambda f: write_npz(f, IMAGES, LABELS.astype(np.float64)) and None, "labels", "integers")
-_npz_case("labels-negative", _with_label(-1), "labels", ">= 0", "-1")
-_npz_case("labels-uint64-overflow", _with_label(np.iinfo(np.uint64).max, np.uint64), "labels", "int64")
-_npz_case("labels-huge", _with_label(10**12), "labels", "classes")  # would size a 10^12-row class table
-_npz_case("object-array", lambda f: write_npz(f, np.array([IMAGES[0], None], dtype=object), LABELS[:2]) and None,
-          "data.npz")
-_npz_case("npy-content", _npy_named_npz, "data.npz", "not an .npz")
-_npz_case("npy-file", _npy, "data.npy", ".npz")
+CASES = Cases()
+case = CASES.add
 
 
 # config, overrides, budgets ------------------------------------------------------------------------
@@ -284,9 +184,10 @@ def _(d, runs):
 _SAMPLE_BAD = {
     "num-samples-0": (["--num-samples", "0"], ["--num-samples", "0"]),
     "num-samples-negative": (["--num-samples", "-5"], ["--num-samples", "-5"]),
-    "temperature-0": (["sample.temperature=0"], ["temperature"]),
+    "temperature-0": (["sample.head.temperature=0"], ["sample.head.temperature"]),
+    "old-name": (["sample.temperature=0.5"], ["sample.temperature", "renamed", "sample.head.temperature"]),
     "unknown-field": (["nope=1"], ["nope"]),
-    "cfg-negative": (["--cfg-scale", "-1"], ["cfg_scale"]),
+    "cfg-negative": (["--cfg-scale", "-1"], ["guidance.scale"]),
 }
 for _name, (_args, _frags) in _SAMPLE_BAD.items():
     def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
@@ -311,7 +212,7 @@ def _(d, runs):
 
 @case("eval-bad-sampling")
 def _(d, runs):
-    return Case(["eval", runs["a"], "--num-samples", "10", "sample.top_p=2"], ("top_p",), [runs["a"]])
+    return Case(["eval", runs["a"], "--num-samples", "10", "sample.head.top_p=2"], ("top_p",), [runs["a"]])
 
 
 # flops and compare ---------------------------------------------------------------------------------
@@ -335,7 +236,8 @@ def _(d, runs):
 
 @case("pairs-teacher-not-diffusion")
 def _(d, runs):
-    return Case(["pairs", runs["a"], "--num-pairs", "10", "--out", d / "p"], ("'ar' run", "'diffusion'"), [d, runs["a"]])
+    return Case(["pairs", runs["a"], "--num-pairs", "10", "--out", d / "p"], ("'ar' run", "'diffusion'"),
+                [d, runs["a"]])
 
 
 @case("pairs-zero")
@@ -360,8 +262,6 @@ def _(d, runs):
 
 @case("get-cfg-scale")
 def _(d, runs):
-    from isynth.presets import make_run
-
     (d / "run").mkdir()
     (d / "run" / "config.json").write_text(make_run("get", "tiny", ["method.pairs=p"]).to_json())
     return Case(["eval", d / "run", "--cfg-scale", "2"], ("'get' has no guidance",), [d])
@@ -402,34 +302,4 @@ for _name, (_args, _frags) in _COMPARE_BAD.items():
     CASES[f"compare-{_name}"] = _build
 
 
-# --- bad input: running and checking ----------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def error_results(runs, tmp_path_factory):
-    """Build every case in its own directory, snapshot what it watches, run all, snapshot again."""
-    base = tmp_path_factory.mktemp("errors")
-    built = {}
-    for name, builder in CASES.items():
-        d = base / name
-        d.mkdir()
-        built[name] = builder(d, runs)
-    watched = {p for c in built.values() for p in c.watch}
-    before = {p: snapshot(p) for p in watched}
-    results = _run_cases(built)
-    after = {p: snapshot(p) for p in watched}
-    return {name: (c, results[name], before, after) for name, c in built.items()}
-
-
-def _run_cases(built: dict[str, Case]) -> dict[str, subprocess.CompletedProcess]:
-    with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {name: pool.submit(run_cli, *c.args, cwd=c.cwd) for name, c in built.items()}
-        return {name: f.result() for name, f in futures.items()}
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_bad_input_fails_cleanly(name, error_results):
-    c, result, before, after = error_results[name]
-    assert_error(result, *c.fragments)
-    for path in c.watch:
-        assert after[path] == before[path], f"{path} changed"
-
+outcomes, test_bad_input_fails_cleanly = case_tests(CASES, "errors")

@@ -1,13 +1,15 @@
-"""The contract every paradigm inherits (STYLE principle 9): subclass `ParadigmContract` per paradigm."""
+"""The contract every paradigm inherits: subclass `ParadigmContract` per paradigm (finite loss that
+backpropagates, sample shapes and ranges, save/load round trip, seed reproducibility, analytic FLOPs equal to
+`torch.utils.flop_counter`'s count, NFE and unconditional passes)."""
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
 from isynth.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from isynth.flops import counting
+from isynth.overrides import apply
+from isynth.paradigms.masked import MaskedParadigm
 from isynth.presets import make_run
 from isynth.trainer import build
 
@@ -16,7 +18,7 @@ class ParadigmContract:
     paradigm: str = ""
     overrides: tuple[str, ...] = ()
     batch = 6
-    # Sampling settings whose FLOPs are checked against the counter (each a dict of SampleConfig fields).
+    # Sampling settings whose FLOPs are checked against the counter (each a dict of dotted `sample.` fields).
     sampling_variants: tuple[dict, ...] = ({},)
 
     @pytest.fixture(scope="class")
@@ -44,7 +46,7 @@ class ParadigmContract:
     def test_sample_shapes_and_ranges(self, setup):
         model = setup.model.eval()
         labels = torch.arange(4) % setup.dataset.num_classes
-        tokens = model.sample(labels, generator=torch.Generator().manual_seed(0))
+        tokens = model.sample(labels, model.run.sample, torch.Generator().manual_seed(0))
         assert tokens.shape[0] == 4 and tokens.shape[1] == model.seq_len
         if model.tokenizer.discrete:
             assert tokens.dtype == torch.long
@@ -66,16 +68,14 @@ class ParadigmContract:
         load_weights(twin, weights, path)
         assert meta == {"step": 0}
         labels = torch.arange(3)
-        a = model.sample(labels, generator=torch.Generator().manual_seed(5))
-        b = twin.sample(labels, generator=torch.Generator().manual_seed(5))
+        a = model.sample(labels, model.run.sample, torch.Generator().manual_seed(5))
+        b = twin.sample(labels, twin.run.sample, torch.Generator().manual_seed(5))
         assert torch.equal(a, b)
 
     def test_seed_reproducibility(self, setup):
         model = setup.model.eval()
         labels = torch.arange(5)
-        a = model.sample(labels, generator=torch.Generator().manual_seed(1))
-        b = model.sample(labels, generator=torch.Generator().manual_seed(1))
-        c = model.sample(labels, generator=torch.Generator().manual_seed(2))
+        a, b, c = (model.sample(labels, model.run.sample, torch.Generator().manual_seed(seed)) for seed in (1, 1, 2))
         assert torch.equal(a, b) and not torch.equal(a, c)
         model.train()
         torch.manual_seed(7)
@@ -87,13 +87,18 @@ class ParadigmContract:
     def test_train_flops_match_counter(self, setup):
         model = setup.model.train()
         model.set_progress(0, 10)
+        torch.manual_seed(3)
         with counting() as fc:
             model(*self._batch(setup)).backward()
         counted = fc.get_total_flops() / self.batch
-        # Masked paradigms' cost depends on the batch's masked count: check the formula at the count drawn
-        # (tests/test_masked.py checks the expectation over the count distribution).
-        given = getattr(model, "train_flops_given", None)
-        expected = given(model.last_masked_count) if given else model.train_flops_per_sample()
+        if isinstance(model, MaskedParadigm):
+            # The cost depends on the batch's masked count: replay the seed to get the mask the loss drew
+            # (tests/test_masked.py checks the expectation over the count distribution).
+            torch.manual_seed(3)
+            mask, _ = model.training_mask(self.batch, "cpu")
+            expected = model.train_flops_given(mask.sum().item() / self.batch)
+        else:
+            expected = model.train_flops_per_sample()
         assert counted == pytest.approx(expected, rel=0.05)
 
     def test_sample_flops_match_counter(self, setup):
@@ -101,15 +106,19 @@ class ParadigmContract:
         n = 3
         for change in self.sampling_variants:
             # FLOPs per image are for batches of sample.batch_size (work shared by a batch is divided by it)
-            s = dataclasses.replace(model.run.sample, batch_size=n, **change)
+            s = apply(model.run.sample, {"batch_size": n, **change}, "sample.")
             with counting() as fc:
-                model.sample(torch.arange(n), s, generator=torch.Generator().manual_seed(0))
+                model.sample(torch.arange(n), s, torch.Generator().manual_seed(0))
             assert fc.get_total_flops() / n == pytest.approx(model.sample_flops(s), rel=0.05), change
             assert model.num_network_evals(s) >= 1
+            assert 0 <= model.unconditional_passes(s) <= model.num_network_evals(s)
+            if not model.guided or s.guidance.scale == 1.0:
+                assert model.unconditional_passes(s) == 0, change
 
 
-AR_SAMPLING = ({"kv_cache": True, "cfg_scale": 1.0}, {"kv_cache": True, "cfg_scale": 3.0, "cfg_pow": 2.0},
-               {"kv_cache": False, "cfg_scale": 1.0}, {"kv_cache": False, "cfg_scale": 2.0})
+AR_SAMPLING = ({"kv_cache": True, "guidance.scale": 1.0},
+               {"kv_cache": True, "guidance.scale": 3.0, "guidance.schedule": "pow-cosine", "guidance.pow": 2.0},
+               {"kv_cache": False, "guidance.scale": 1.0}, {"kv_cache": False, "guidance.scale": 2.0})
 
 
 class TestAR(ParadigmContract):
@@ -137,12 +146,14 @@ class TestRARWithoutTargetAware(ParadigmContract):
 
 class TestARCont(ParadigmContract):
     paradigm = "ar-cont"
-    sampling_variants = ({"kv_cache": True, "cfg_scale": 1.0}, {"kv_cache": True, "cfg_scale": 3.0, "head_sampler": "ddpm"},
-                         {"kv_cache": False, "cfg_scale": 2.0})
+    sampling_variants = ({"kv_cache": True, "guidance.scale": 1.0},
+                         {"kv_cache": True, "guidance.scale": 3.0, "head.sampler": "ddpm"},
+                         {"kv_cache": False, "guidance.scale": 2.0})
 
 
-MASKED_SAMPLING = ({"cfg_scale": 1.0}, {"cfg_scale": 3.0, "cfg_schedule": "linear"},
-                   {"cfg_scale": 3.0, "cfg_schedule": "constant", "cfg_t_min": 0.2, "cfg_t_max": 0.6})
+MASKED_SAMPLING = ({"guidance.scale": 1.0}, {"guidance.scale": 3.0, "guidance.schedule": "linear"},
+                   {"guidance.scale": 3.0, "guidance.schedule": "constant", "guidance.t_min": 0.2,
+                    "guidance.t_max": 0.6})
 
 
 class TestMaskGIT(ParadigmContract):
@@ -158,7 +169,7 @@ class TestMaskGITWithMAE(ParadigmContract):
 
 class TestMDM(ParadigmContract):
     paradigm = "mdm"
-    sampling_variants = MASKED_SAMPLING + ({"cfg_scale": 2.0, "head_sampler": "ddpm"},)
+    sampling_variants = MASKED_SAMPLING + ({"guidance.scale": 2.0, "head.sampler": "ddpm"},)
 
 
 class TestMDMDiscreteELBO(ParadigmContract):
@@ -169,7 +180,7 @@ class TestMDMDiscreteELBO(ParadigmContract):
 
 class TestMAR(ParadigmContract):
     paradigm = "mar"
-    sampling_variants = MASKED_SAMPLING[:2] + ({"cfg_scale": 2.0, "head_sampler": "dpm++", "head_order": 2},)
+    sampling_variants = MASKED_SAMPLING[:2] + ({"guidance.scale": 2.0, "head.sampler": "dpm++", "head.order": 2},)
 
 
 class TestMARPatches(ParadigmContract):
@@ -178,9 +189,11 @@ class TestMARPatches(ParadigmContract):
     sampling_variants = MASKED_SAMPLING[1:2]
 
 
-DIFFUSION_SAMPLING = ({"sampler": "euler", "cfg_scale": 1.0}, {"sampler": "heun", "cfg_scale": 2.0},
-                      {"sampler": "heun", "num_steps": 5, "cfg_scale": 3.0, "cfg_t_min": 0.3, "cfg_t_max": 0.8},
-                      {"sampler": "euler", "shift": 3.0, "cfg_scale": 2.0, "cfg_t_min": 0.5})
+DIFFUSION_SAMPLING = ({"sampler": "euler", "guidance.scale": 1.0}, {"sampler": "heun", "guidance.scale": 2.0},
+                      {"sampler": "heun", "num_steps": 5, "guidance.scale": 3.0, "guidance.t_min": 0.3,
+                       "guidance.t_max": 0.8},
+                      {"sampler": "euler", "shift": 3.0, "guidance.scale": 2.0, "guidance.t_min": 0.5,
+                       "guidance.schedule": "linear"})
 
 
 class TestDiffusion(ParadigmContract):

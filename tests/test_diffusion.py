@@ -1,15 +1,17 @@
-"""Flow-matching diffusion (SPEC 1.6): interpolation and target, time sampling, the Euler and Heun ODE
-samplers against an analytic solution, the CFG interval, and bad configurations."""
+"""Flow-matching diffusion: interpolation and target, time sampling, the Euler and Heun ODE samplers against
+an analytic solution and against diffusers' flow-matching schedulers, the CFG interval, and bad
+configurations."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
+import diffusers
 import pytest
 import torch
 
 from isynth.errors import IsynthError
-from isynth.paradigms.diffusion import DiffusionSampleConfig, ode_solve
+from isynth.overrides import apply
+from isynth.paradigms.diffusion import DiffusionSampling, evaluation_times, flow_times, solve
 from isynth.presets import make_run
 from isynth.trainer import build
 
@@ -40,7 +42,8 @@ def test_loss_uses_the_rectified_flow_interpolation_and_velocity_target(model, m
 
 @pytest.mark.parametrize("kind", ["uniform", "logit-normal"])
 def test_time_sampling_distributions(kind):
-    run = make_run("diffusion", "tiny", [f"method.time_sampling={kind}", "method.logit_mean=0.5", "method.logit_std=0.8"])
+    run = make_run("diffusion", "tiny", [f"method.time_sampling={kind}", "method.logit_mean=0.5",
+                                         "method.logit_std=0.8"])
     m = build(run, torch.device("cpu")).model
     torch.manual_seed(1)
     t = m.sample_times(200_000, "cpu").double()
@@ -48,12 +51,13 @@ def test_time_sampling_distributions(kind):
         assert t.mean().item() == pytest.approx(0.5, abs=0.005) and t.var().item() == pytest.approx(1 / 12, abs=0.002)
     else:
         logit = torch.log(t / (1 - t))
-        assert logit.mean().item() == pytest.approx(0.5, abs=0.01) and logit.std().item() == pytest.approx(0.8, abs=0.01)
+        assert logit.mean().item() == pytest.approx(0.5, abs=0.01)
+        assert logit.std().item() == pytest.approx(0.8, abs=0.01)
 
 
 def _gaussian_velocity(mu: float, s: float):
     """The exact flow-matching velocity E[eps - x0 | x_t = x] for data N(mu, s^2) per dimension."""
-    def v(x, t, guided):
+    def v(x, t):
         a = 1 - t
         var = a * a * s * s + t * t
         centred = x - a * mu
@@ -67,7 +71,7 @@ def test_euler_and_heun_against_the_analytic_ode_solution():
     doubling of the steps, Heun (2nd order) quarters, and Heun is far closer at every step count."""
     mu, s = 0.7, 0.3
     eps = torch.randn(4096, 1, 1)
-    err = {sampler: [(ode_solve(_gaussian_velocity(mu, s), eps.clone(), DiffusionSampleConfig(sampler=sampler, num_steps=k))
+    err = {sampler: [(solve(_gaussian_velocity(mu, s), eps.clone(), DiffusionSampling(sampler=sampler, num_steps=k))
                       - (mu + s * eps)).abs().mean().item() for k in (4, 8, 16, 32)]
            for sampler in ("euler", "heun")}
     e, h = err["euler"], err["heun"]
@@ -77,10 +81,34 @@ def test_euler_and_heun_against_the_analytic_ode_solution():
     assert h[-1] < 1e-3, err
 
 
-def test_nfe_per_sampler(model):
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+@pytest.mark.parametrize("num_steps,shift", [(1, 1.0), (2, 1.0), (8, 1.0), (13, 1.0), (8, 3.0)])
+def test_the_explicit_samplers_are_diffusers_flow_matching_schedulers(sampler, num_steps, shift):
+    """The loop written out in diffusion.py is diffusers' FlowMatchEuler/HeunDiscreteScheduler (SD3's grid): the
+    network is evaluated at the same times and the final states agree to float32 rounding (diffusers' Heun
+    divides by the time at the end of each step, which costs it some precision near t = 0.001)."""
+    cls = diffusers.FlowMatchHeunDiscreteScheduler if sampler == "heun" else diffusers.FlowMatchEulerDiscreteScheduler
+    sched = cls(num_train_timesteps=1000, shift=shift)
+    sched.set_timesteps(num_steps)
+    s = DiffusionSampling(sampler=sampler, num_steps=num_steps, shift=shift)
+    ours, theirs = torch.tensor(evaluation_times(s)), sched.timesteps / 1000
+    assert ours.shape == theirs.shape and ours[0] == 1.0
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    velocity = _gaussian_velocity(0.7, 0.3)
+    x0 = torch.randn(64, 4, 2, generator=torch.Generator().manual_seed(0))
+    x = x0.clone()
+    for t in sched.timesteps:
+        x = sched.step(velocity(x, float(t) / 1000), t, x).prev_sample
+    torch.testing.assert_close(solve(velocity, x0, s), x, rtol=1e-4, atol=1e-4)
+
+
+def test_time_grid_and_nfe_per_sampler(model):
+    t = flow_times(10, 1.0)
+    assert len(t) == 11 and t[0] == 1.0 and t[-1] == 0.0 and t[-2] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(t, t[1:]))
     base = model.run.sample
-    assert model.num_network_evals(dataclasses.replace(base, sampler="euler", num_steps=10)) == 10
-    assert model.num_network_evals(dataclasses.replace(base, sampler="heun", num_steps=10)) == 19
+    assert model.num_network_evals(apply(base, {"sampler": "euler", "num_steps": 10}, "sample.")) == 10
+    assert model.num_network_evals(apply(base, {"sampler": "heun", "num_steps": 10}, "sample.")) == 19
 
 
 def test_cfg_interval_skips_unconditional_passes(model):
@@ -93,13 +121,14 @@ def test_cfg_interval_skips_unconditional_passes(model):
         rows.append(x.shape[0])
         return real(x, t, labels)
 
-    s_all = dataclasses.replace(model.run.sample, sampler="heun", num_steps=6, cfg_scale=3.0, batch_size=4)
-    s_mid = dataclasses.replace(s_all, cfg_t_min=0.3, cfg_t_max=0.7)
+    s_all = apply(model.run.sample, {"sampler": "heun", "num_steps": 6, "guidance.scale": 3.0, "batch_size": 4},
+                  "sample.")
+    s_mid = apply(s_all, {"guidance.t_min": 0.3, "guidance.t_max": 0.7}, "sample.")
     model.velocity = counting
     try:
         for s in (s_all, s_mid):
             rows.clear()
-            model.sample(torch.arange(4), s, generator=torch.Generator().manual_seed(0))
+            model.sample(torch.arange(4), s, torch.Generator().manual_seed(0))
             assert len(rows) == model.num_network_evals(s) == 11
             assert sum(r == 8 for r in rows) == model.unconditional_passes(s)
     finally:
@@ -107,7 +136,7 @@ def test_cfg_interval_skips_unconditional_passes(model):
     assert model.unconditional_passes(s_all) == 11
     assert 0 < model.unconditional_passes(s_mid) < 11
     assert model.sample_flops(s_mid) < model.sample_flops(s_all)
-    none = dataclasses.replace(s_all, cfg_scale=1.0)
+    none = apply(s_all, {"guidance.scale": 1.0}, "sample.")
     assert model.unconditional_passes(none) == 0 and model.sample_flops(none) * 2 == model.sample_flops(s_all)
 
 
@@ -116,8 +145,9 @@ def test_sampling_is_a_deterministic_function_of_the_noise(model):
     model.eval()
     noise = torch.randn(6, model.seq_len, model.token_dim)
     labels = torch.arange(6)
-    a = model.sample_from(noise, labels)
-    b = torch.cat([model.sample_from(noise[:3], labels[:3]), model.sample_from(noise[3:], labels[3:])])
+    s = model.run.sample
+    a = model.sample_from(noise, labels, s)
+    b = torch.cat([model.sample_from(noise[:3], labels[:3], s), model.sample_from(noise[3:], labels[3:], s)])
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -127,8 +157,10 @@ def test_ema_is_on_by_default():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("sample.cfg_t_min=1", "cfg_t_min"),
-    ("sample.cfg_t_max=1.5", "cfg_t_max"),
+    ("sample.guidance.t_min=1", "t_min"),
+    ("sample.guidance.t_max=1.5", "t_max"),
+    ("sample.guidance.scale=inf", "guidance.scale"),
+    ("sample.cfg_scale=2", "renamed: use sample.guidance.scale"),
     ("sample.num_steps=0", "num_steps"),
     ("sample.shift=0", "shift"),
     ("sample.sampler=dpm", "sampler"),
@@ -149,8 +181,5 @@ def test_needs_adaln_and_continuous_tokens():
 
 
 def test_shift_moves_steps_towards_noise():
-    from isynth.paradigms.diffusion import ode_scheduler
-
-    plain = ode_scheduler(DiffusionSampleConfig(sampler="euler", num_steps=8)).sigmas
-    shifted = ode_scheduler(DiffusionSampleConfig(sampler="euler", num_steps=8, shift=3.0)).sigmas
-    assert (shifted[1:-1] > plain[1:-1]).all() and math.isclose(shifted[0].item(), 1.0)
+    plain, shifted = flow_times(8, 1.0), flow_times(8, 3.0)
+    assert all(s > p for s, p in zip(shifted[1:-1], plain[1:-1])) and math.isclose(shifted[0], 1.0)

@@ -1,25 +1,51 @@
-"""CFG schedules and the categorical draw."""
+"""Classifier-free guidance: the schedules and interval of `Guidance`, the mixing rule, and the categorical
+draw with its filters."""
 import math
 
 import pytest
 import torch
 
-from isynth.guidance import draw, filter_logits, guide, pow_cosine_scale
+from isynth.errors import IsynthError
+from isynth.guidance import Guidance, guide
+from isynth.heads import draw, filter_logits
 
 
 def test_pow_zero_is_constant_guidance():
-    assert all(pow_cosine_scale(s, 64, 4.0, 0.0) == pytest.approx(4.0) for s in range(64))
+    g = Guidance(scale=4.0, schedule="pow-cosine", pow=0.0)
+    assert all(g.weight(s / 64) == pytest.approx(4.0) for s in range(64))
 
 
-@pytest.mark.parametrize("g,pw", [(16.0, 2.75), (6.9, 1.5), (2.0, 1.0)])
-def test_pow_cosine_schedule_values(g, pw):
-    n = 256
+@pytest.mark.parametrize("scale,pw", [(16.0, 2.75), (6.9, 1.5), (2.0, 1.0)])
+def test_pow_cosine_schedule_values(scale, pw):
+    """RAR's schedule (1d-tokenizer's `generate`): w = 1 + (g - 1) (1 - cos(pi (s / N)^pow)) / 2 at step s."""
+    n, g = 256, Guidance(scale=scale, schedule="pow-cosine", pow=pw)
     for s in (0, 1, 64, 128, 200, 255):
-        expected = 1 + (g - 1) * (1 - math.cos(((s / n) ** pw) * math.pi)) / 2  # SPEC 1.2
-        assert pow_cosine_scale(s, n, g, pw) == pytest.approx(expected)
-    assert pow_cosine_scale(0, n, g, pw) == pytest.approx(1.0)  # rises from 1 ...
-    assert pow_cosine_scale(n, n, g, pw) == pytest.approx(g)  # ... to g
-    assert pow_cosine_scale(n // 2, n, g, 1.0) == pytest.approx(1 + (g - 1) / 2)
+        expected = 1 + (scale - 1) * (1 - math.cos(((s / n) ** pw) * math.pi)) / 2
+        assert g.weight(s / n) == pytest.approx(expected)
+    assert g.weight(0.0) == pytest.approx(1.0)  # rises from 1 ...
+    assert g.weight(1.0) == pytest.approx(scale)  # ... to g
+
+
+def test_linear_and_constant_schedules_and_no_guidance():
+    assert Guidance(scale=3.0, schedule="linear").weight(0.25) == pytest.approx(1.5)  # MAR: 1 + (w - 1) p
+    assert Guidance(scale=3.0).weight(0.25) == 3.0
+    assert Guidance(scale=1.0, schedule="linear").weight(0.5) is None  # scale 1: no unconditional pass at all
+    assert not Guidance().on and Guidance(scale=0.0).on
+
+
+def test_interval_runs_no_unconditional_pass_outside_it():
+    g = Guidance(scale=2.0, t_min=0.1, t_max=0.3)
+    assert [g.weight(0.5, t) for t in (0.05, 0.1, 0.2, 0.3, 0.31)] == [None, None, 2.0, 2.0, None]  # (t_min, t_max]
+    assert g.weight(0.5) == 2.0  # a sampler without time: every step
+    assert not g.whole_range and Guidance().whole_range
+
+
+@pytest.mark.parametrize("kwargs,field", [({"scale": -1.0}, "scale"), ({"scale": float("inf")}, "scale"),
+                                          ({"pow": -1.0}, "pow"), ({"t_min": 0.5, "t_max": 0.4}, "t_min"),
+                                          ({"t_max": 1.5}, "t_max")])
+def test_bad_guidance_names_the_field(kwargs, field):
+    with pytest.raises(IsynthError, match=f"sample.guidance.{field}"):
+        Guidance(**kwargs)
 
 
 def test_guide_is_uncond_plus_w_times_difference():

@@ -1,4 +1,4 @@
-"""RAR (seed 001): annealed random orders and target-aware positional embeddings."""
+"""RAR (Yu et al. 2024): annealed random orders and target-aware positional embeddings."""
 import pytest
 import torch
 
@@ -24,7 +24,7 @@ def test_random_ratio_anneals_linearly_from_one_to_zero():
 
 def test_default_anneal_window_is_half_to_three_quarters_of_training():
     m = _model()
-    m.set_progress(0, 400)  # seed 001: epochs 200 -> 300 of 400
+    m.set_progress(0, 400)  # RAR: epochs 200 -> 300 of 400
     assert m.anneal_window() == (200, 300)
     m2 = _model("method.anneal_start_step=10", "method.anneal_end_step=30")
     m2.set_progress(0, 400)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from clitools import ENV, TIMEOUT_S
+
 from isynth.paradigms import PARADIGMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,8 @@ def test_quick_start_is_two_make_commands():
 
 def test_command_line_block_runs_at_tiny_budget(tmp_path):
     lines = [c for c in commands(fenced(section("Command line"), "bash")) if c.startswith("isynth ")]
-    assert [shlex.split(c)[1] for c in lines] == ["train", "sample", "eval", "flops", "train", "pairs", "train", "compare"], lines
+    subcommands = [shlex.split(c)[1] for c in lines]
+    assert subcommands == ["train", "sample", "eval", "flops", "train", "pairs", "train", "compare"], lines
     exe = isynth_executable()
     outputs = []
     for line in lines:
@@ -105,7 +106,7 @@ def test_command_line_block_runs_at_tiny_budget(tmp_path):
         assert f["labels"].tolist() == [i % 10 for i in range(100)]
     assert (rar / "grid.png").is_file()
     sample_info = json.loads(outputs[1])
-    assert sample_info["sampling"]["kv_cache"] is False and sample_info["sampling"]["cfg_scale"] == 3.0
+    assert sample_info["sampling"]["kv_cache"] is False and sample_info["sampling"]["guidance"]["scale"] == 3.0
     metrics = json.loads((rar / "metrics.json").read_text())  # "writes runs/rar/metrics.json"
     assert metrics == json.loads(outputs[2])
     for name in ("metrics.json", "samples.npz", "samples.png", "log.jsonl"):  # the run directory, as described
@@ -133,7 +134,8 @@ def test_override_example_is_valid(tmp_path):
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert result.returncode == 0, result.stderr
     cfg = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
-    assert cfg["model"]["width"] == 64 and cfg["method"]["order"] == "random" and cfg["sample"]["cfg_scale"] == 3
+    assert cfg["model"]["width"] == 64 and cfg["method"]["order"] == "random"
+    assert cfg["sample"]["guidance"]["scale"] == 3
 
 
 # --- Python API -------------------------------------------------------------------------------------

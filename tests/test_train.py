@@ -1,269 +1,22 @@
-"""The training loop: exact resumption (in-process crashes, SIGKILL), DDP, FLOPs budgets, LR / EMA schedules,
-the log, and re-running finished or mismatched run directories."""
+"""The training loop: FLOPs budgets, LR / EMA schedules, the log, and re-running finished or mismatched run
+directories (resumption: test_resume.py)."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from traintools import LOG_KEYS, RUN_FILES, log_of, meta_of
 
-import isynth.trainer as trainer
 from isynth.checkpoint import CHECKPOINT, CONFIG, LOG, load_checkpoint
 from isynth.cli import main as cli_main
 from isynth.config import TrainConfig
-from isynth.hardware import peak_flops
 from isynth.presets import make_run
 from isynth.trainer import build, ema_decay_at, lr_at, train
 
-RUN_FILES = {CONFIG, CHECKPOINT, LOG}
-LOG_KEYS = {"step", "loss", "lr", "train_flops", "samples_per_s", "mfu", "elapsed_s"}
-# rar exercises every kind of per-step randomness: batch choice, label dropout, random orders annealed over
-# the run (total 12 -> anneal between steps 6 and 9), and here dropout masks too.
-RESUME_OVERRIDES = ["train.max_steps=12", "train.ckpt_every=4", "train.log_every=2",
-                    "model.dropout=0.1", "model.attn_dropout=0.1"]
-
-
-class Crash(Exception):
-    """Stands in for a process dying at a chosen point of the loop."""
-
-
-# --- fixtures and helpers ----------------------------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def cache(tmp_path_factory):
-    """One ISYNTH_CACHE for the whole file, with the 1-thread CPU peak measured once."""
-    path = tmp_path_factory.mktemp("isynth-cache")
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(path))
-        torch.set_num_threads(1)
-        try:
-            peak_flops(torch.device("cpu"))
-        finally:
-            torch.set_num_threads(threads)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def one_thread(cache, monkeypatch):
-    """Tests train in-process on one thread (the tiny model gains nothing from more; steady under load)."""
-    monkeypatch.setenv("ISYNTH_CACHE", str(cache))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sub_env(cache: Path) -> dict:
-    return dict(os.environ, ISYNTH_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(Path(run_dir) / CHECKPOINT)
-
-
-def assert_same_tensors(a_dir: Path, b_dir: Path) -> None:
-    a, b = tensors(a_dir), tensors(b_dir)
-    assert a.keys() == b.keys()
-    prefixes = {k.split("/")[0] for k in a}
-    assert prefixes == {"model", "ema", "optim"}
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def meta_of(run_dir: Path) -> dict:
-    with safe_open(Path(run_dir) / CHECKPOINT, framework="pt") as f:
-        return json.loads(f.metadata()["meta"])
-
-
-def log_of(run_dir: Path) -> list[dict]:
-    return [json.loads(ln) for ln in (Path(run_dir) / LOG).read_text().splitlines()]
-
-
-def deterministic(rec: dict) -> dict:
-    """The log fields that must be identical between an interrupted and an uninterrupted run."""
-    return {k: rec[k] for k in ("step", "loss", "lr", "train_flops")}
-
-
-def crash_at(monkeypatch, step: int) -> None:
-    """Make the loop die in step `step`, after its optimizer update and before its EMA update."""
-    real = trainer.ema_decay_at
-
-    def dying(s, decay):
-        if s == step:
-            raise Crash(f"killed in step {s}")
-        return real(s, decay)
-
-    monkeypatch.setattr(trainer, "ema_decay_at", dying)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
-    """The uninterrupted in-process run that the resumed ones must reproduce bit for bit."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        torch.set_num_threads(1)
-        try:
-            train(make_run("rar", "tiny", RESUME_OVERRIDES), out, progress=False)
-        finally:
-            torch.set_num_threads(threads)
-    return out
-
-
-# --- 1. exact resumption in-process -----------------------------------------------------------------
-
-def test_resume_after_crashes_is_exact(reference, tmp_path, monkeypatch):
-    run = make_run("rar", "tiny", RESUME_OVERRIDES)
-    out = tmp_path / "run"
-    for step, expect_ckpt in ((6, 4), (9, 8)):  # die between checkpoints, twice
-        with monkeypatch.context() as mp:
-            crash_at(mp, step)
-            with pytest.raises(Crash):
-                train(run, out, progress=False)
-        assert meta_of(out)["step"] == expect_ckpt
-    train(run, out, progress=False)
-    assert_same_tensors(reference, out)
-    m, r = meta_of(out), meta_of(reference)
-    assert (m["step"], m["total_steps"], m["train_flops"]) == (r["step"], r["total_steps"], r["train_flops"]) == (
-        12, 12, r["flops_per_sample"] * 32 * 12)
-    # The log is each step once, and the losses (ckpt_every a multiple of log_every) are the same numbers.
-    assert [deterministic(x) for x in log_of(out)] == [deterministic(x) for x in log_of(reference)]
-    assert [x["step"] for x in log_of(out)] == [2, 4, 6, 8, 10, 12]
-    assert set(os.listdir(out)) == RUN_FILES
-
-
-def test_crash_during_first_checkpoint_write(reference, tmp_path, monkeypatch):
-    """Dying while the first checkpoint is written leaves log lines but no checkpoint, and a temp file."""
-    run = make_run("rar", "tiny", RESUME_OVERRIDES)
-    out = tmp_path / "run"
-    real = trainer.save_checkpoint
-
-    def dying_save(path, *args, **kwargs):
-        (Path(path).parent / f".{CHECKPOINT}.x1y2z3.tmp").write_bytes(b"half a safetensors file")
-        raise Crash("killed while writing the checkpoint")
-
-    with monkeypatch.context() as mp:
-        mp.setattr(trainer, "save_checkpoint", dying_save)
-        with pytest.raises(Crash):
-            train(run, out, progress=False)
-    assert not (out / CHECKPOINT).exists()
-    assert [x["step"] for x in log_of(out)] == [2, 4]  # written before the checkpoint
-    assert trainer.save_checkpoint is real
-    train(run, out, progress=False)
-    assert_same_tensors(reference, out)
-    assert [deterministic(x) for x in log_of(out)] == [deterministic(x) for x in log_of(reference)]
-    assert set(os.listdir(out)) == RUN_FILES
-
-
-def test_resume_survives_a_torn_log_line(reference, tmp_path, monkeypatch):
-    """A kill in the middle of appending to log.jsonl leaves half a line; resuming drops it."""
-    run = make_run("rar", "tiny", RESUME_OVERRIDES)
-    out = tmp_path / "run"
-    with monkeypatch.context() as mp:
-        crash_at(mp, 6)
-        with pytest.raises(Crash):
-            train(run, out, progress=False)
-    with open(out / LOG, "a") as f:
-        f.write('{"step": 6, "loss": 2.1')
-    train(run, out, progress=False)
-    assert_same_tensors(reference, out)
-    assert [deterministic(x) for x in log_of(out)] == [deterministic(x) for x in log_of(reference)]
-
-
-# --- 2. resumption after SIGKILL of the command ------------------------------------------------------
-
-# `isynth train` exactly as the command line runs it, slowed by 50 ms a step so that the kill surely
-# lands before the end (a tiny step takes ~15 ms); the sleep changes no number.
-SLOW_CLI = ("import sys, time\n"
-            "import isynth.trainer as t\n"
-            "real = t.ema_decay_at\n"
-            "def slow(step, decay):\n"
-            "    time.sleep(0.05)\n"
-            "    return real(step, decay)\n"
-            "t.ema_decay_at = slow\n"
-            "from isynth.cli import main\n"
-            "sys.exit(main(sys.argv[1:]))\n")
-
-
-@pytest.mark.slow
-def test_resume_after_sigkill(tmp_path, cache):
-    env = sub_env(cache)
-    args = ["train", "rar", "--preset", "tiny", "--steps", "40", "train.ckpt_every=5", "--quiet"]
-    killed, whole = tmp_path / "killed", tmp_path / "whole"
-
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *args, "--out", str(killed)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline, seen = time.monotonic() + 240, None
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                seen = meta_of(killed)["step"]
-            except Exception:  # not written yet
-                seen = None
-            if seen is not None and seen >= 5:
-                break
-            time.sleep(0.005)
-        assert proc.poll() is None, f"run ended before it could be killed: {proc.stdout.read().decode()[-2000:]}"
-        assert seen is not None and 5 <= seen < 40
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    _, _, _, meta = load_checkpoint(killed / CHECKPOINT)  # the killed run left a loadable checkpoint
-    assert 5 <= meta["step"] < 40 and meta["step"] % 5 == 0
-    # What a kill inside a checkpoint or log write leaves behind (the names mkstemp would have chosen).
-    (killed / f".{CHECKPOINT}.k1ll3d.tmp").write_bytes(b"\0" * 100)
-    (killed / f".{LOG}.k1ll3d.tmp").write_text('{"step": 5')
-
-    cmd = [sys.executable, "-m", "isynth", *args]
-    for out in (killed, whole):
-        done = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-    assert_same_tensors(whole, killed)
-    assert meta_of(killed)["step"] == 40
-    assert [x["step"] for x in log_of(killed)] == list(range(5, 41, 5))
-    assert [deterministic(x) for x in log_of(killed)] == [deterministic(x) for x in log_of(whole)]
-    assert set(os.listdir(killed)) == RUN_FILES, "stale temporary files after resuming"
-
-
-# --- 3. DDP ------------------------------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_ddp_two_processes(tmp_path, cache):
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to the interpreter")
-    out = tmp_path / "ddp"
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "isynth", "train", "ar", "--preset", "tiny",
-                           "--steps", "6", "--out", str(out), "--quiet"],
-                          env=sub_env(cache), capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    assert set(os.listdir(out)) == RUN_FILES
-    weights, ema, opt, meta = load_checkpoint(out / CHECKPOINT)
-    assert meta["world_size"] == 2 and meta["step"] == meta["total_steps"] == 6
-    assert meta["train_flops"] == 6 * 32 * meta["flops_per_sample"]  # global batch 32, split 16 + 16
-    for t in [*weights.values(), *ema.values()]:
-        if t.is_floating_point():
-            assert torch.isfinite(t).all()
-    assert opt["state"], "optimizer state was saved"
-    log = log_of(out)
-    assert [x["step"] for x in log] == [5, 6]
-    assert all(math.isfinite(x["loss"]) and x["loss"] > 0 and 0 < x["mfu"] < 1.5 for x in log)
-    assert log[-1]["train_flops"] == meta["train_flops"]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- 4. FLOPs budget ---------------------------------------------------------------------------------
@@ -389,7 +142,8 @@ def test_rerun_finished_is_noop_and_other_config_is_rejected(tmp_path, capsys):
     before = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns, (out / LOG).read_text(), (out / CONFIG).read_text())
 
     def unchanged():
-        return (ckpt.read_bytes(), ckpt.stat().st_mtime_ns, (out / LOG).read_text(), (out / CONFIG).read_text()) == before
+        now = (ckpt.read_bytes(), ckpt.stat().st_mtime_ns, (out / LOG).read_text(), (out / CONFIG).read_text())
+        return now == before
 
     rc, err = _cli(capsys, *args)
     assert rc == 0 and err == ""
@@ -404,14 +158,3 @@ def test_rerun_finished_is_noop_and_other_config_is_rejected(tmp_path, capsys):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and unchanged()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("paradigm,extra", [("ar", []), ("rar", ["method.order=random"])])
-def test_main_job_size_is_bitwise_reproducible_on_two_threads(tmp_path, cache, paradigm, extra):
-    """At the `cpu` preset's batch, gradients that accumulate through indexing are summed by several
-    threads in varying order; two identical runs must still give identical weights (exact resume needs it)."""
-    args = [sys.executable, "-m", "isynth", "train", paradigm, "--preset", "cpu", "--steps", "3", "--quiet",
-            "train.ckpt_every=3", "train.log_every=1", *extra]
-    env = {**sub_env(cache), "OMP_NUM_THREADS": "2"}
-    for name in ("a", "b"):
-        subprocess.run([*args, "--out", str(tmp_path / name)], env=env, check=True, timeout=300)
-    assert_same_tensors(tmp_path / "a", tmp_path / "b")

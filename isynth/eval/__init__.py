@@ -1,4 +1,5 @@
-"""Offline evaluation: a domain feature network and the metrics measured in its space (SPEC section 4)."""
+"""Offline evaluation: a domain feature network and the metrics measured in its space (FD, precision/recall,
+classifier score, prompt following, memorisation)."""
 from isynth.eval.features import FeatureNet, get_feature_net, to_input
 from isynth.eval.images import load_samples, save_grid, save_samples
 from isynth.eval.metrics import evaluate_samples, frechet_distances, precision_recall

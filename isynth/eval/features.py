@@ -17,11 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
 
 from isynth.data import ImageDataset
 from isynth.errors import IsynthError
-from isynth.eval.images import atomic_path
+from isynth.files import atomic_path
+from isynth.hardware import cache_dir as default_cache_dir
 
 # Bump whenever the architecture or the training recipe changes: it is part of the cache key.
 VERSION = "featurenet-v1:conv32-conv64-pool4-fc64:adam2e-3-cos-e20-b64-shift1-seed0"
@@ -168,13 +171,6 @@ def _data_hash(dataset: ImageDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def _cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("ISYNTH_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "isynth"
-
-
 def _metadata(dataset: ImageDataset, digest: str, eval_accuracy: float) -> dict:
     return {"version": VERSION, "data_hash": digest, "dataset": dataset.name,
             "image_shape": list(dataset.image_shape), "num_classes": dataset.num_classes,
@@ -183,8 +179,6 @@ def _metadata(dataset: ImageDataset, digest: str, eval_accuracy: float) -> dict:
 
 def _try_load(path: Path, dataset: ImageDataset, digest: str) -> FeatureNet | None:
     """The cached net, or None if the file is missing, unreadable or for other data or code."""
-    from safetensors import safe_open
-
     if not path.is_file():
         return None
     try:
@@ -207,10 +201,8 @@ def get_feature_net(dataset: ImageDataset, cache_dir: str | os.PathLike | None =
 
     Cache directory: `cache_dir`, else $ISYNTH_CACHE, else ~/.cache/isynth.
     """
-    from safetensors.torch import save
-
     digest = _data_hash(dataset)
-    path = _cache_dir(cache_dir) / f"featurenet-{dataset.name}-{digest}.safetensors"
+    path = Path(cache_dir or default_cache_dir()) / f"featurenet-{dataset.name}-{digest}.safetensors"
     net = _try_load(path, dataset, digest)
     if net is None:
         net = _train(dataset).eval()

@@ -1,40 +1,23 @@
 """Sample files (ADM evaluator `.npz`: `arr_0` uint8 [N, H, W, C] + `labels` int64 [N]) and PNG grids.
 
-Every write goes to a temporary file in the destination directory and is then `os.replace`d, so an
-interrupted run never leaves a half-written file under the final name that a later step would trust.
+Every write goes through `isynth.files.atomic_path`, so an interrupted run never leaves a half-written
+file under the final name that a later step would trust.
 """
 from __future__ import annotations
 
 import math
 import os
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from isynth.data import read_npz, validate_images
 from isynth.errors import IsynthError
+from isynth.files import atomic_path
 
 GRID_MIN_WIDTH_PX = 256  # small images (8x8 digits) are upscaled until the grid is at least this wide
 GRID_GAP_VALUE = 128     # mid-grey gap, visible against both dark and light backgrounds
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
-
-    A unique name (not `tempfile.mkstemp`) so the file gets the usual umask permissions, not 0600.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray) -> Path:
@@ -57,8 +40,6 @@ def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int | None = None,
               scale: int | None = None) -> Path:
     """Tile uint8 [N, H, W, C] images into one PNG with a 1-pixel gap, nearest-neighbour upscaled."""
-    from PIL import Image
-
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise IsynthError(f"save_grid: images must be uint8, got {getattr(images, 'dtype', type(images))}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or images.shape[0] < 1:

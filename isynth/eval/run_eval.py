@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isynth.checkpoint import atomic_write_text
 from isynth.eval.features import get_feature_net
 from isynth.eval.images import save_grid, save_samples
 from isynth.eval.metrics import evaluate_samples
+from isynth.files import atomic_write_text
 from isynth.paradigms.base import Paradigm
 from isynth.runs import cycling_labels, generate, load_trained
 
@@ -35,7 +35,7 @@ def evaluate_run(run_dir: Path, num_samples: int | None = None, sampling=None, s
                  use_ema: bool = True) -> dict:
     run_dir = Path(run_dir)
     model, dataset, meta = load_trained(run_dir, use_ema=use_ema)
-    s = model.sampling_or_default(sampling)
+    s = sampling or model.run.sample
     n = num_samples or model.run.train.eval_num_samples
     labels = cycling_labels(n, dataset.num_classes)
     generate(model, labels[: min(8, n)], s, seed=seed)  # warm-up, so the timing below is steady state

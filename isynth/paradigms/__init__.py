@@ -1,8 +1,10 @@
-"""Registry of paradigms. Adding one = one file with a `Paradigm` subclass + one line here."""
+"""The registry of paradigms, and the configs and models built from a name. Adding a paradigm = one file with
+a `Paradigm` subclass + one line here."""
 from __future__ import annotations
 
-from isynth.config import RunConfig
+from isynth.config import ModelConfig, RunConfig, TokenizerConfig
 from isynth.errors import IsynthError
+from isynth.overrides import merge
 from isynth.paradigms.ar import AR, ARCont
 from isynth.paradigms.base import Paradigm
 from isynth.paradigms.diffusion import Diffusion
@@ -22,9 +24,28 @@ def paradigm_class(name: str) -> type[Paradigm]:
     return PARADIGMS[name]
 
 
+def default_run(name: str, tokenizer: TokenizerConfig | None = None) -> RunConfig:
+    """The run of paradigm `name` with every section at its default, for `tokenizer` (default: the
+    paradigm's own), whose family (discrete or continuous) decides the token head's sections."""
+    cls = paradigm_class(name)
+    tokenizer = tokenizer or cls.default_tokenizer
+    cls.check_tokens(tokenizer.discrete)
+    method, sample = cls.sections(tokenizer.discrete)
+    return RunConfig(paradigm=name, method=method, sample=sample, model=ModelConfig(**cls.model_defaults),
+                     tokenizer=tokenizer)
+
+
+def run_from_dict(data: object) -> RunConfig:
+    """The RunConfig saved in a run's config.json, every value checked against the paradigm's sections."""
+    if not isinstance(data, dict) or not isinstance(data.get("paradigm"), str):
+        raise IsynthError("config.json is not an isynth run config (no paradigm)")
+    if "tokenizer" not in data:
+        raise IsynthError("config is incomplete: no 'tokenizer'")
+    tokenizer = merge(TokenizerConfig(), data["tokenizer"], "tokenizer.")
+    return merge(default_run(data["paradigm"], tokenizer), data)
+
+
 def build_paradigm(run: RunConfig, tokenizer: Tokenizer, num_classes: int) -> Paradigm:
     cls = paradigm_class(run.paradigm)
-    if cls.discrete is not None and cls.discrete != tokenizer.discrete:
-        want = "a discrete tokenizer (tokenizer.kind=grey)" if cls.discrete else "a continuous tokenizer (tokenizer.kind=patch)"
-        raise IsynthError(f"paradigm {run.paradigm!r} needs {want}")
+    cls.check_tokens(tokenizer.discrete)
     return cls(run, tokenizer, num_classes)

@@ -1,20 +1,21 @@
-"""Next-token prediction (`ar`, `ar-cont`): raster-order autoregression over tokens (SPEC 1.1, 1.5).
+"""Next-token prediction (`ar`, `ar-cont`): raster-order autoregression over tokens.
 
 Sequence [cond, x_1 .. x_N]: the class embedding is the first input and x_i is predicted from
 (cond, x_<i) (LlamaGen / Kilian'24 NTP). The tokenizer picks the head: discrete ids get a softmax and
 cross-entropy, continuous vectors MAR's per-token diffusion head (`ar-cont`, Fluid's "raster continuous",
-seed 002), through the one `isynth.heads` contract. The input at step i is x_{i-1}, so the last
+Fan et al. 2024), through the one `isynth.heads` contract. The input at step i is x_{i-1}, so the last
 token is never an input and the model runs N positions for N targets. Sampling is one token per step with
 a KV cache (one forward over the new token), temperature, top-k, top-p (or the diffusion head's sampler)
 and classifier-free guidance by a doubled batch with RAR's pow-cosine schedule.
 
 The generation order is a hook (`training_order`): `rar` subclasses this file with random permutations
 and target-aware positions; everything else (loss, sampling, NLL, FLOPs) is this one implementation.
+The guidance schedule's progress is the share of tokens generated before the step (RAR's i / N).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,52 +25,64 @@ from isynth.backbone import Transformer
 from isynth.config import RunConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
-from isynth.guidance import pow_cosine_scale
-from isynth.heads import TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
+from isynth.guidance import Guidance
+from isynth.heads import (
+    CategoricalSampling,
+    TokenInput,
+    TokenSampling,
+    build_head,
+    empty_tokens,
+    gather_tokens,
+    head_sections,
+)
 from isynth.paradigms.base import Paradigm
 from isynth.tokenizers import Tokenizer, TokenizerConfig
 
 
 @dataclass(frozen=True)
-class ARConfig(DiffHeadConfig):  # head_* fields: the diffusion head, used with continuous tokens
-    class_dropout: float = 0.1    # label -> null class during training, for CFG (RAR: 0.1)
+class ARConfig:
+    class_dropout: float = 0.1              # label -> null class during training, for CFG (RAR: 0.1)
+    head: DiffHeadConfig | None = None      # the diffusion head, with continuous tokens
 
     def __post_init__(self):
-        super().__post_init__()
         check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
-class ARSampleConfig(TokenSampling):
-    cfg_scale: float = 1.0        # guidance weight g; 1 = no guidance (no unconditional pass)
-    cfg_pow: float = 0.0          # RAR pow-cosine schedule exponent; 0 = constant g
-    kv_cache: bool = True
-    batch_size: int = 256         # images per sampling batch
+class ARSampling:
+    head: TokenSampling = field(default_factory=CategoricalSampling)  # how each token is drawn
+    guidance: Guidance = field(default_factory=Guidance)  # progress: tokens generated before the step / N
+    kv_cache: bool = True           # one new position per step (else the whole prefix again)
+    batch_size: int = 256           # images per sampling batch
 
     def __post_init__(self):
-        super().__post_init__()
-        check(self.cfg_scale >= 0 and self.cfg_pow >= 0, "sample.cfg_scale and sample.cfg_pow must be >= 0")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
+        # The unconditional rows' KV cache needs every token, so guidance cannot skip steps.
+        check(self.guidance.whole_range, "sample.guidance.t_min/t_max: next-token prediction guides every "
+              "token (the unconditional rows' KV cache needs each step); the interval is for masked and flow samplers")
 
 
-class AR(Paradigm):
+class AR(Paradigm[ARConfig, ARSampling]):
     name = "ar"
-    Config = ARConfig
-    SampleConfig = ARSampleConfig
     discrete = None  # either: the tokenizer picks the head
-    target_aware = False
 
-    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[ARConfig, ARSampling]:
+        head, head_sampling = head_sections(discrete)
+        return ARConfig(head=head), ARSampling(head=head_sampling)
+
+    def __init__(self, run: RunConfig[ARConfig, ARSampling], tokenizer: Tokenizer, num_classes: int,
+                 target_aware: bool = False):
         super().__init__(run, tokenizer, num_classes)
         c, n = run.model.width, self.seq_len
         self.tok_embed = TokenInput(tokenizer, c)
         self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
         self.pos_embed = learned_positions(n + 1, c)  # index 0: cond; 1 + j: image position j
         # RAR's target-aware table: the input at step i also carries the embedding of the position it
-        # must predict next (seed 001 sec. 3.2), so different orders give different logits.
-        self.target_pos_embed = learned_positions(n, c) if self.target_aware else None
+        # must predict next (Yu et al. 2024, sec. 3.2), so different orders give different logits.
+        self.target_pos_embed = learned_positions(n, c) if target_aware else None
         self.net = Transformer(run.model)
-        self.head = build_head(tokenizer, c, run.method)
+        self.head = build_head(tokenizer, c, run.method.head)
 
     # --- ordering hook ------------------------------------------------------------------------------
     def training_order(self, batch: int, device) -> Tensor | None:
@@ -129,7 +142,7 @@ class AR(Paradigm):
     def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor | None:
         """Exact NLL of the raster factorisation (the order the model samples in), bits per token;
         None for continuous tokens (the diffusion head gives no exact likelihood)."""
-        if not self.head.discrete:
+        if not self.tokenizer.discrete:
             return None
         logits = self.logits(tokens, labels)
         nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
@@ -137,11 +150,9 @@ class AR(Paradigm):
 
     # --- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, labels: Tensor, sampling: ARSampleConfig | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        s = self.sampling_or_default(sampling)
-        b, n = labels.shape[0], self.seq_len
-        use_cfg = s.cfg_scale != 1.0
+    def sample(self, labels: Tensor, sampling: ARSampling, generator: torch.Generator | None = None) -> Tensor:
+        s, b, n = sampling, labels.shape[0], self.seq_len
+        use_cfg = s.guidance.on
         rows = torch.cat([labels, torch.full_like(labels, self.class_embed.null)]) if use_cfg else labels
         cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
         c_ada = cond if self.run.model.adaln else None
@@ -154,33 +165,34 @@ class AR(Paradigm):
             prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
             x = self._inputs(prev, cond, None, start=i if cache is not None else 0)
             h = self.net(x, c_ada, causal=True, cache=cache)[:, -1]  # (R, C)
-            w = pow_cosine_scale(i, n, s.cfg_scale, s.cfg_pow) if use_cfg else None
-            out[:, i] = self.head.sample(h, s, w, generator)
+            out[:, i] = self.head.sample(h, s.head, s.guidance.weight(i / n), generator)
         return out
 
-    # --- compute accounting (SPEC 2) ----------------------------------------------------------------
+    # --- compute accounting -------------------------------------------------------------------------
     def train_flops_per_sample(self) -> int:
         n = self.seq_len  # N - 1 token inputs (the last token is never an input), N head targets
         return int(self.net.flops(n, n, train=True) + self.tok_embed.flops(n - 1, train=True)
                    + self.head.train_flops(n))
 
-    def sample_flops(self, sampling: ARSampleConfig | None = None) -> int:
-        s = self.sampling_or_default(sampling)
-        n = self.seq_len
+    def sample_flops(self, sampling: ARSampling) -> int:
+        s, n = sampling, self.seq_len
         if s.kv_cache:  # step i: one new query over i+1 cached keys, one new token embedded
             net = sum(self.net.flops(1, i + 1) for i in range(n))
             embedded = n - 1
         else:  # step i: the whole prefix of i+1 positions again
             net = sum(self.net.flops(i + 1, i + 1) for i in range(n))
             embedded = n * (n - 1) // 2
-        cfg = s.cfg_scale != 1.0
+        cfg = s.guidance.on
         # One head call per step for the whole batch (both CFG halves inside); its per-call work (the
         # diffusion head's time embedding) is shared by the batch's sample.batch_size images.
-        head = n * self.head.sample_flops(s.batch_size, s, cfg) / s.batch_size
+        head = n * self.head.sample_flops(s.batch_size, s.head, cfg) / s.batch_size
         return int((2 if cfg else 1) * (net + self.tok_embed.flops(embedded)) + head)
 
-    def num_network_evals(self, sampling: ARSampleConfig | None = None) -> int:
+    def num_network_evals(self, sampling: ARSampling) -> int:
         return self.seq_len
+
+    def unconditional_passes(self, sampling: ARSampling) -> int:
+        return self.seq_len if sampling.guidance.on else 0
 
 
 class ARCont(AR):

@@ -1,17 +1,18 @@
-"""Flow-matching diffusion on the whole continuous token grid (`diffusion`; Kilian et al. 2024; SPEC 1.6).
+"""Flow-matching diffusion on the whole continuous token grid (`diffusion`; the diffusion paradigm of
+Kilian et al. 2024, "Computational Tradeoffs in Image Synthesis").
 
 Rectified flow (Liu et al. 2023; SD3, Esser et al. 2024): x_t = (1 - t) x_0 + t eps, the network predicts
 the velocity v = eps - x_0, trained with MSE at t drawn uniformly or logit-normally (SD3's default, m = 0,
 s = 1). The network is the shared backbone with adaLN-Zero conditioning on t + class (DiT); class dropout
-trains the null class for CFG. Sampling integrates dx/dt = v from t = 1 to 0 with diffusers' flow-matching
-Euler or Heun scheduler (deterministic: the sample is a function of the initial noise, which `isynth
-pairs` relies on), with CFG constant or only on a t-interval (no unconditional pass outside it).
+trains the null class for CFG. Sampling integrates dx/dt = v from t = 1 to 0 with Euler's method or Heun's
+(EDM, Karras et al. 2022, Algorithm 1, without churn), written out below: it is deterministic, so the sample is
+a function of the initial noise, which `isynth pairs` relies on. CFG is constant or follows a schedule of
+progress 1 - t, and runs only on the guidance interval (no unconditional pass outside it).
 """
 from __future__ import annotations
 
-import copy
-import functools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -19,15 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isynth.backbone import Transformer
-from isynth.config import RunConfig, TokenizerConfig, check
-from isynth.diffhead import FREQ_DIM, timestep_features
-from isynth.embeddings import ClassEmbedding, learned_positions
+from isynth.config import RunConfig, check
+from isynth.embeddings import ClassEmbedding, TimestepEmbedder, learned_positions
 from isynth.errors import IsynthError
-from isynth.guidance import guide
-from isynth.paradigms.base import FromNoise, Paradigm
+from isynth.flops import matmul_flops
+from isynth.guidance import Guidance, guide
+from isynth.paradigms.base import FromNoise
 from isynth.tokenizers import Tokenizer
 
-NUM_TRAIN_TIMESTEPS = 1000  # diffusers' flow schedulers name times t * 1000; the time features use that scale
+TIME_SCALE = 1000  # the time embedding reads t * 1000, the scale of DiT's and SD3's 1000 training timesteps
 
 
 @dataclass(frozen=True)
@@ -43,68 +44,69 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
-class DiffusionSampleConfig:
+class DiffusionSampling:
     sampler: Literal["euler", "heun"] = "heun"   # Heun: 2 evaluations per step but the last (EDM's choice)
     num_steps: int = 16                          # ODE steps; NFE = num_steps (Euler) or 2 num_steps - 1 (Heun)
     shift: float = 1.0                           # SD3's time shift t -> s t / (1 + (s - 1) t); 1 = uniform
-    cfg_scale: float = 1.0                       # guidance weight; 1 = no unconditional pass
-    cfg_t_min: float = 0.0                       # CFG only where the evaluated t is in (cfg_t_min, cfg_t_max]
-    cfg_t_max: float = 1.0                       # (guidance interval, Kynkäänniemi et al. 2024)
+    guidance: Guidance = field(default_factory=Guidance)  # progress: 1 - t
     batch_size: int = 256
 
     def __post_init__(self):
         check(self.num_steps >= 1, "sample.num_steps must be >= 1")
         check(self.shift > 0, "sample.shift must be > 0")
-        check(self.cfg_scale >= 0, "sample.cfg_scale must be >= 0")
-        check(0 <= self.cfg_t_min < self.cfg_t_max <= 1,
-              f"sample.cfg_t_min={self.cfg_t_min} and cfg_t_max={self.cfg_t_max} must satisfy 0 <= min < max <= 1")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
 
 
-def ode_scheduler(sampling: DiffusionSampleConfig):
-    """A fresh diffusers flow-matching scheduler set to `sampling` (schedulers are stateful: copy a cached one)."""
-    return copy.deepcopy(_scheduler_template(sampling.sampler, sampling.num_steps, sampling.shift))
+def flow_times(num_steps: int, shift: float) -> list[float]:
+    """The time grid t_0 = 1 > ... > t_{K-1} > t_K = 0 of K steps, as SD3's reference sampler and diffusers'
+    FlowMatch schedulers build it: K times evenly spaced from 1 to the shifted last training timestep
+    sigma(1 / 1000), each then shifted by sigma(t) = s t / (1 + (s - 1) t); then 0. Float32 values."""
+    def sigma(t):
+        return shift * t / (1 + (shift - 1) * t)
+
+    t = torch.linspace(1.0, sigma(torch.tensor(1.0 / TIME_SCALE, dtype=torch.float32)).item(), num_steps,
+                       dtype=torch.float64)
+    return sigma(t).float().tolist() + [0.0]
 
 
-@functools.lru_cache(maxsize=32)
-def _scheduler_template(sampler: str, num_steps: int, shift: float):
-    import diffusers  # lazy: importing diffusers takes seconds
-
-    cls = diffusers.FlowMatchHeunDiscreteScheduler if sampler == "heun" else diffusers.FlowMatchEulerDiscreteScheduler
-    s = cls(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=shift)
-    s.set_timesteps(num_steps)
-    s.set_begin_index(0)  # we always start at t = 1, so skip diffusers' timestep lookup
-    return s
+def evaluation_times(sampling: DiffusionSampling) -> list[float]:
+    """The time of every network evaluation of `solve`, in order: each step's start, and for Heun each
+    step's end but the last (t = 0, where the Euler step is final)."""
+    t = flow_times(sampling.num_steps, sampling.shift)
+    if sampling.sampler == "euler":
+        return t[:-1]
+    return [t[0]] + [u for u in t[1:-1] for _ in range(2)]
 
 
-def ode_solve(velocity, x: Tensor, sampling: DiffusionSampleConfig) -> Tensor:
-    """Integrate dx/dt = velocity(x, t, guided) from t = 1 (noise x) to t = 0 with the configured scheduler.
-    `velocity` gets t as a Python float in [0, 1] and whether CFG applies at that t."""
-    sched = ode_scheduler(sampling)
-    for ts in sched.timesteps:
-        t = float(ts) / NUM_TRAIN_TIMESTEPS
-        guided = sampling.cfg_scale != 1.0 and sampling.cfg_t_min < t <= sampling.cfg_t_max
-        x = sched.step(velocity(x, t, guided), ts, x, return_dict=False)[0]
+def solve(velocity: Callable[[Tensor, float], Tensor], x: Tensor, sampling: DiffusionSampling) -> Tensor:
+    """Integrate dx/dt = velocity(x, t) from t = 1 (noise x) to t = 0: Euler, or Heun's second-order
+    correction with the slope at the step's end (EDM Algorithm 1, lines 5-8)."""
+    t = flow_times(sampling.num_steps, sampling.shift)
+    for t_cur, t_next in zip(t[:-1], t[1:]):
+        d = velocity(x, t_cur)
+        x_next = x + (t_next - t_cur) * d
+        if sampling.sampler == "heun" and t_next > 0:
+            x_next = x + (t_next - t_cur) * 0.5 * (d + velocity(x_next, t_next))
+        x = x_next
     return x
 
 
-class Diffusion(FromNoise, Paradigm):
+class Diffusion(FromNoise[DiffusionConfig, DiffusionSampling]):
     name = "diffusion"
-    Config = DiffusionConfig
-    SampleConfig = DiffusionSampleConfig
-    discrete = False
-    default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
     model_defaults = {"adaln": True}
 
-    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[DiffusionConfig, DiffusionSampling]:
+        return DiffusionConfig(), DiffusionSampling()
+
+    def __init__(self, run: RunConfig[DiffusionConfig, DiffusionSampling], tokenizer: Tokenizer, num_classes: int):
         super().__init__(run, tokenizer, num_classes)
         if not run.model.adaln:
             raise IsynthError("diffusion conditions every block on (t, class) by adaLN-Zero: set model.adaln=true")
         c, d = run.model.width, tokenizer.token_dim
-        self.token_dim = d
         self.in_proj = nn.Linear(d, c)
         self.pos = learned_positions(self.seq_len, c)
-        self.time_embed = nn.Sequential(nn.Linear(FREQ_DIM, c), nn.SiLU(), nn.Linear(c, c))
+        self.time_embed = TimestepEmbedder(c)
         self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
         self.backbone = Transformer(run.model)
         self.out_proj = nn.Linear(c, d)
@@ -113,7 +115,7 @@ class Diffusion(FromNoise, Paradigm):
 
     def velocity(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """x (B, N, D) at times t (B,) in [0, 1], labels (B,) (null = num_classes) -> v (B, N, D)."""
-        cond = self.time_embed(timestep_features(t * NUM_TRAIN_TIMESTEPS)) + self.class_embed(labels)  # (B, C)
+        cond = self.time_embed(t * TIME_SCALE) + self.class_embed(labels)  # (B, C)
         h = self.backbone(self.in_proj(x) + self.pos, cond)
         return self.out_proj(h)
 
@@ -131,46 +133,40 @@ class Diffusion(FromNoise, Paradigm):
         return F.mse_loss(self.velocity(xt, t, labels).float(), eps - x0)
 
     @torch.no_grad()
-    def sample_from(self, noise: Tensor, labels: Tensor, sampling: DiffusionSampleConfig | None = None) -> Tensor:
+    def sample_from(self, noise: Tensor, labels: Tensor, sampling: DiffusionSampling) -> Tensor:
         """The deterministic map noise (B, N, D) -> tokens (B, N, D): the teacher of `isynth pairs`."""
-        s = self.sampling_or_default(sampling)
         null = torch.full_like(labels, self.class_embed.null)
 
-        def velocity(x: Tensor, t: float, guided: bool) -> Tensor:
-            if not guided:
+        def velocity(x: Tensor, t: float) -> Tensor:
+            w = sampling.guidance.weight(1 - t, t)
+            if w is None:
                 return self.velocity(x, torch.full(labels.shape, t, device=x.device), labels).float()
             tt = torch.full((2 * x.shape[0],), t, device=x.device)
-            v = self.velocity(torch.cat([x, x]), tt, torch.cat([labels, null])).float()
-            cond, uncond = v.chunk(2)
-            return guide(cond, uncond, s.cfg_scale)
+            cond, uncond = self.velocity(torch.cat([x, x]), tt, torch.cat([labels, null])).float().chunk(2)
+            return guide(cond, uncond, w)
 
-        return ode_solve(velocity, noise.float(), s)
+        return solve(velocity, noise.float(), sampling)
 
-    # --- compute accounting (SPEC 2) ------------------------------------------------------------------
+    # --- compute accounting ---------------------------------------------------------------------------
     def forward_flops(self, train: bool = False) -> int:
-        """One velocity evaluation for one sample: token projections, the time MLP (one row), backbone."""
+        """One velocity evaluation for one sample: token projections, the time MLP (one row), backbone.
+        The input projection reads noisy tokens, which need no gradient."""
         n, d, c = self.seq_len, self.token_dim, self.run.model.width
-        # Layers reading an input that needs no gradient (noisy tokens, time features) have no input-gradient
-        # matmul in the backward pass: 2x forward, not 3x.
-        first = 2 * n * d * c + 2 * FREQ_DIM * c   # in_proj, time MLP layer 1
-        rest = 2 * n * c * d + 2 * c * c           # out_proj, time MLP layer 2
-        return self.backbone.flops(n, train=train) + (2 * first + 3 * rest if train else first + rest)
+        return (self.backbone.flops(n, train=train) + matmul_flops(n, d, c, train, input_grad=False)
+                + self.time_embed.flops(1, train) + matmul_flops(n, c, d, train))
 
     def train_flops_per_sample(self) -> int:
         return self.forward_flops(train=True)
 
-    def _evaluations(self, sampling: DiffusionSampleConfig) -> list[bool]:
-        """Per network call, whether it is guided (two rows per image)."""
-        guided = []
-        ode_solve(lambda x, t, g: guided.append(g) or torch.zeros_like(x), torch.zeros(1, 1, 1), sampling)
-        return guided
+    def _guided(self, sampling: DiffusionSampling) -> list[bool]:
+        """Per network evaluation, whether it is guided (two rows per image)."""
+        return [sampling.guidance.weight(1 - t, t) is not None for t in evaluation_times(sampling)]
 
-    def sample_flops(self, sampling: DiffusionSampleConfig | None = None) -> int:
-        evals = self._evaluations(self.sampling_or_default(sampling))
-        return sum(2 if g else 1 for g in evals) * self.forward_flops()
+    def sample_flops(self, sampling: DiffusionSampling) -> int:
+        return sum(2 if g else 1 for g in self._guided(sampling)) * self.forward_flops()
 
-    def num_network_evals(self, sampling: DiffusionSampleConfig | None = None) -> int:
-        return len(self._evaluations(self.sampling_or_default(sampling)))
+    def num_network_evals(self, sampling: DiffusionSampling) -> int:
+        return len(evaluation_times(sampling))
 
-    def unconditional_passes(self, sampling: DiffusionSampleConfig | None = None) -> int:
-        return sum(self._evaluations(self.sampling_or_default(sampling)))
+    def unconditional_passes(self, sampling: DiffusionSampling) -> int:
+        return sum(self._guided(sampling))

@@ -1,4 +1,5 @@
-"""GET, the Generative Equilibrium Transformer (`get`; Geng et al. 2023, seed 000; SPEC 1.7).
+"""GET, the Generative Equilibrium Transformer (`get`; Geng et al. 2023, "One-Step Diffusion Distillation via
+Deep Equilibrium Models"; the authors' code: locuslab/get).
 
 A one-step generator distilled from a teacher's (noise, image) pairs (`isynth pairs`). The noise image's
 tokens are embedded with fixed sine-cosine positions and run through an injection transformer (the
@@ -22,19 +23,23 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torchdeq import get_deq
+from torchdeq.loss import fp_correction
 
 from isynth.backbone import Transformer
-from isynth.config import RunConfig, TokenizerConfig, check
+from isynth.config import RunConfig, check
 from isynth.embeddings import sincos_positions
 from isynth.errors import IsynthError
-from isynth.paradigms.base import FromNoise, Paradigm
+from isynth.flops import matmul_flops
+from isynth.pairformat import check_pairs_fit, load_pairs, read_manifest
+from isynth.paradigms.base import FromNoise
 from isynth.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
 class GETConfig:
     pairs: str | None = None        # pair directory from `isynth pairs` (required to train)
-    shuffle_pairs: bool = False     # control (seed 000 sec. 5): re-pair noise and images at random
+    shuffle_pairs: bool = False     # control (GET sec. 5): re-pair noise and images at random
     shuffle_seed: int = 0
     class_cond: bool = True         # class embedding added into the injection blocks' qkv
     deq_depth: int = 3              # equilibrium blocks (GET: 3)
@@ -52,7 +57,7 @@ class GETConfig:
 
 
 @dataclass(frozen=True)
-class GETSampleConfig:
+class GETSampling:
     fixed_point_iters: int = 6      # solver iterations in the one sampling pass (GET eval: 6)
     batch_size: int = 256
 
@@ -61,35 +66,31 @@ class GETSampleConfig:
         check(self.batch_size > 0, "sample.batch_size must be > 0")
 
 
-class GET(FromNoise, Paradigm):
+class GET(FromNoise[GETConfig, GETSampling]):
     name = "get"
-    Config = GETConfig
-    SampleConfig = GETSampleConfig
-    discrete = False
-    default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
+    guided = False  # one pass, no classifier-free guidance (as the paper)
 
-    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[GETConfig, GETSampling]:
+        return GETConfig(), GETSampling()
+
+    def __init__(self, run: RunConfig[GETConfig, GETSampling], tokenizer: Tokenizer, num_classes: int):
         super().__init__(run, tokenizer, num_classes)
         if run.model.adaln:
             raise IsynthError("get conditions through qkv, not adaLN: set model.adaln=false")
-        from torchdeq import get_deq  # the GET authors' DEQ library
-
         m, c, d = run.method, run.model.width, tokenizer.token_dim
-        self.token_dim = d
         self.in_proj = nn.Linear(d, c)
         self.register_buffer("pos", sincos_positions(tokenizer.grid, c), persistent=False)
         self.class_qkv = nn.Embedding(num_classes, 3 * c) if m.class_cond else None
         self.injection = Transformer(run.model)
         self.qkv_inj = nn.Linear(c, 3 * c * m.deq_depth, bias=False)
         self.equilibrium = Transformer(dataclasses.replace(run.model, depth=m.deq_depth, mlp_ratio=m.deq_mlp_ratio))
+        # PyTorch's default initialisation, not the reference's zero init, which slowed learning at this scale
+        # (BENCHMARKS.md). f_tol=0: every solve runs its full iteration count, the cost accounted for.
         self.out_proj = nn.Linear(c, d)
-        # The reference zero-initialises this layer (as DiT); at laptop scale that slowed learning ~10x in
-        # our runs (L1 0.28 vs 0.02 after 300 tiny steps), so it keeps PyTorch's default initialisation.
-        # f_tol=0: every solve runs its full iteration count, so the cost is the one accounted for.
         self.deq = get_deq(f_solver="fixed_point_iter", f_max_iter=m.train_solver_iters, f_tol=0.0,
                            grad=m.grad_steps, sup_gap=1 if m.fp_correction else -1,
                            eval_f_max_iter=run.sample.fixed_point_iters)
-        self.last_solver_info: dict = {}
 
     # --- data ---------------------------------------------------------------------------------------
     def _pairs_dir(self) -> str:
@@ -99,20 +100,14 @@ class GET(FromNoise, Paradigm):
         return self.run.method.pairs
 
     def _check_fit(self, manifest: dict, dataset) -> None:
-        from isynth.pairs import check_pairs_fit
-
         check_pairs_fit(manifest, self.run.method.pairs, self.seq_len, self.token_dim, dataset.image_shape)
 
     def validate_training(self, dataset) -> None:
-        from isynth.pairs import read_manifest
-
         self._check_fit(read_manifest(self._pairs_dir()), dataset)
 
     def training_data(self, dataset) -> tuple[Tensor, Tensor]:
         """(noise ++ target (P, N, 2D), labels (P,)); with shuffle_pairs the images (and their labels) are
         permuted against the noise, which destroys the teacher's pairing but keeps both marginals."""
-        from isynth.pairs import load_pairs
-
         p = load_pairs(self._pairs_dir())
         self._check_fit(p.manifest, dataset)
         target, labels = p.target, p.labels
@@ -135,16 +130,13 @@ class GET(FromNoise, Paradigm):
         f = lambda z: self.equilibrium(z, qkv_add=u, final_norm=False)  # noqa: E731
         z0 = torch.zeros(noise.shape[0], self.seq_len, self.run.model.width, device=noise.device, dtype=u[0].dtype)
         kwargs = {} if iters is None else {"solver_kwargs": {"f_max_iter": iters}}
-        states, info = self.deq(f, z0, **kwargs)
-        self.last_solver_info = info
+        states, _ = self.deq(f, z0, **kwargs)
         return states
 
     def _output(self, z: Tensor) -> Tensor:
         return self.out_proj(self.equilibrium.final(z))  # (B, N, D)
 
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
-        from torchdeq.loss import fp_correction
-
         noise, target = tokens.float().split(self.token_dim, dim=-1)  # 2 x (B, N, D)
         preds = [self._output(z).float() for z in self._solve(noise, labels)]
         crit = (lambda a, b: (a - b).abs().mean()) if self.run.method.loss == "l1" else \
@@ -152,8 +144,8 @@ class GET(FromNoise, Paradigm):
         return fp_correction(crit, (preds, target))
 
     @torch.no_grad()
-    def sample_from(self, noise: Tensor, labels: Tensor, sampling: GETSampleConfig | None = None) -> Tensor:
-        s = self.sampling_or_default(sampling)
+    def sample_from(self, noise: Tensor, labels: Tensor, sampling: GETSampling) -> Tensor:
+        s = sampling
         was_training = self.training
         self.eval()
         try:
@@ -162,27 +154,29 @@ class GET(FromNoise, Paradigm):
             self.train(was_training)
         return self._output(z).float()
 
-    # --- compute accounting (SPEC 2) ------------------------------------------------------------------
+    # --- compute accounting ---------------------------------------------------------------------------
     def _flops(self, iters_no_grad: int, iters_grad: int, outputs: int) -> int:
-        """Injection once, solver iterations without and with gradient, the output layer `outputs` times."""
+        """Injection once, solver iterations without and with gradient, the output layer `outputs` times;
+        the input projection reads noise, which needs no gradient."""
         n, d, c, m = self.seq_len, self.token_dim, self.run.model.width, self.run.method
         train = iters_grad > 0
-        in_proj, inj_lin, out = 2 * n * d * c, 2 * n * c * 3 * c * m.deq_depth, 2 * n * c * d
-        eq_fwd = self.equilibrium.flops(n, final=False)
-        total = self.injection.flops(n, train=train) + iters_no_grad * eq_fwd
-        if not train:
-            return total + in_proj + inj_lin + outputs * out
-        # The first unrolled iteration starts from a detached state: its first qkv matmul has no input grad.
-        first_qkv_input_grad = 2 * n * c * 3 * c
-        eq_train = iters_grad * self.equilibrium.flops(n, train=True, final=False) - first_qkv_input_grad
-        return total + 2 * in_proj + 3 * inj_lin + eq_train + outputs * 3 * out
+        total = (self.injection.flops(n, train=train) + matmul_flops(n, d, c, train, input_grad=False)
+                 + matmul_flops(n, c, 3 * c * m.deq_depth, train)
+                 + iters_no_grad * self.equilibrium.flops(n, final=False)
+                 + outputs * matmul_flops(n, c, d, train))
+        if train:  # the first unrolled iteration starts from a detached state: its first qkv has no input grad
+            total += iters_grad * self.equilibrium.flops(n, train=True, final=False) - matmul_flops(n, c, 3 * c)
+        return total
 
     def train_flops_per_sample(self) -> int:
         m = self.run.method
         return self._flops(m.train_solver_iters, m.grad_steps, m.grad_steps if m.fp_correction else 1)
 
-    def sample_flops(self, sampling: GETSampleConfig | None = None) -> int:
-        return self._flops(self.sampling_or_default(sampling).fixed_point_iters, 0, 1)
+    def sample_flops(self, sampling: GETSampling) -> int:
+        return self._flops(sampling.fixed_point_iters, 0, 1)
 
-    def num_network_evals(self, sampling: GETSampleConfig | None = None) -> int:
+    def num_network_evals(self, sampling: GETSampling) -> int:
         return 1  # one pass; its fixed-point iterations are in sample_flops
+
+    def unconditional_passes(self, sampling: GETSampling) -> int:
+        return 0

@@ -1,4 +1,5 @@
-"""MAR, masked autoregression with continuous tokens (`mar`; Li et al. 2024, Fluid seed 002; SPEC 1.5).
+"""MAR, masked autoregression with continuous tokens (`mar`; Li et al. 2024, "Autoregressive Image
+Generation without Vector Quantization"; Fluid's random-order continuous model, Fan et al. 2024).
 
 Training: a random order per sample; one mask ratio per batch from a truncated normal on [0.7, 1]
 (mean 1, std 0.25), ceil(N * ratio) tokens masked; the MAE encoder sees the visible tokens plus class
@@ -9,34 +10,35 @@ tokens still masked after step k, CFG inside the head with MAR's linear schedule
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from isynth.config import TokenizerConfig, check
+from isynth.diffhead import DiffHeadConfig
+from isynth.guidance import Guidance
+from isynth.heads import head_sections
 from isynth.masking import MaskSchedule, random_masks
-from isynth.paradigms.masked import MaskedConfig, MaskedParadigm, MaskedSampleConfig
+from isynth.paradigms.masked import MaskedParadigm, MaskedSampling, check_masked_net
 
 
 @dataclass(frozen=True)
-class MARConfig(MaskedConfig):
+class MARConfig:
     mask_ratio_min: float = 0.7   # truncated normal on [mask_ratio_min, 1] ...
     mask_ratio_mean: float = 1.0  # ... with this mean and std (MAR reference)
     mask_ratio_std: float = 0.25
+    class_dropout: float = 0.1
+    num_buffer: int = 64
     mae: bool = True
     decoder_depth: int | None = None
-    num_buffer: int = 64
+    null_is_mask_token: bool = False
+    head: DiffHeadConfig = field(default_factory=DiffHeadConfig)
 
     def __post_init__(self):
-        super().__post_init__()
+        check_masked_net(self)
         check(0 < self.mask_ratio_min < 1, "method.mask_ratio_min must be in (0, 1)")
         check(self.mask_ratio_std > 0, "method.mask_ratio_std must be > 0")
-
-
-@dataclass(frozen=True)
-class MARSampleConfig(MaskedSampleConfig):
-    num_steps: int = 64           # MAR's default (256 in the paper's best runs)
 
 
 def _normal_cdf(x: Tensor) -> Tensor:
@@ -45,10 +47,15 @@ def _normal_cdf(x: Tensor) -> Tensor:
 
 class MAR(MaskedParadigm):
     name = "mar"
-    Config = MARConfig
-    SampleConfig = MARSampleConfig
     discrete = False
     default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
+
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[MARConfig, MaskedSampling]:
+        # MAR's default sampling: 64 steps (256 in the paper's best runs), linear CFG, 100 DDPM head steps.
+        head, head_sampling = head_sections(discrete)
+        return MARConfig(head=head), MaskedSampling(num_steps=64, head=head_sampling,
+                                                    guidance=Guidance(schedule="linear"))
 
     @property
     def sampling_schedule(self) -> MaskSchedule:

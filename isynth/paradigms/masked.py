@@ -1,8 +1,8 @@
-"""Shared parts of the masked paradigms `maskgit`, `mdm` and `mar` (SPEC 1.3-1.5).
+"""Shared parts of the masked paradigms `maskgit`, `mdm` and `mar`.
 
-eMIGM (seed 004, Table 1) unifies MaskGIT, MAR and masked diffusion: they differ in the masking
-distribution, the loss weighting and the per-token head. This module is everything they share, so each
-paradigm file holds only its own choices:
+eMIGM (You et al. 2025, "Effective and Efficient Masked Image Generation Models", Table 1) unifies MaskGIT,
+MAR and masked diffusion: they differ in the masking distribution, the loss weighting and the per-token head.
+This module is everything they share, so each paradigm file holds only its own choices:
 
 - the network: class "buffer" tokens in front of the token grid (MAR), an encoder (the shared backbone,
   bidirectional) that either sees only the visible tokens (`mae`, He et al. 2022; MAR) or all tokens with
@@ -11,19 +11,20 @@ paradigm file holds only its own choices:
 - the loss on masked tokens, with a per-sample weight (eMIGM's w(t));
 - the K-step sampler: step k runs the network on the partial grid and reveals tokens so that
   floor(N * gamma(t_{k+1})) stay masked, in a random per-sample order (MAR, eMIGM) or by confidence
-  (MaskGIT overrides `reveal`); CFG doubles the batch only on steps inside [cfg_t_min, cfg_t_max] (eMIGM);
+  (MaskGIT overrides `reveal`); CFG doubles the batch only on steps inside the guidance interval (eMIGM),
+  with the schedule's progress the share of tokens revealed after the step (MAR's linear schedule);
 - compute accounting: the encoder on visible tokens only, the head on the tokens it models, every CFG pass,
   and training FLOPs as the expectation over the paradigm's masked-count distribution.
 
 Subclasses implement `training_mask` (the masking distribution and weight), `train_count_pmf` (the
 distribution of the masked count that `training_mask` draws, for the expected training FLOPs) and
-`sampling_schedule`.
+`sampling_schedule`. Their method sections are flat and each declares the network fields below with its
+own defaults; `check_masked_net` validates them once.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,47 +32,38 @@ from torch import Tensor, nn
 
 from isynth.backbone import Transformer
 from isynth.config import RunConfig, check
-from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.errors import IsynthError
-from isynth.heads import TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
+from isynth.guidance import Guidance
+from isynth.heads import CategoricalSampling, TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
 from isynth.masking import MaskSchedule, masked_counts
 from isynth.paradigms.base import Paradigm
 from isynth.tokenizers import Tokenizer
 
 
-@dataclass(frozen=True)
-class MaskedConfig(DiffHeadConfig):
-    class_dropout: float = 0.1        # label -> null class in training, for CFG (MAR's "fake latent": 0.1)
-    num_buffer: int = 1               # class tokens in front of the grid (MAR: 64; MaskGIT: 1)
-    mae: bool = False                 # encoder sees visible tokens only; the decoder gets mask tokens
-    decoder_depth: int | None = 0     # 0: no decoder (MaskGIT); None: as deep as the encoder (MAR, eMIGM)
-    null_is_mask_token: bool = False  # eMIGM: the null condition for CFG is the mask token itself
-
-    def __post_init__(self):
-        super().__post_init__()
-        check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
-        check(self.num_buffer >= 1, "method.num_buffer must be >= 1")
-        check(self.decoder_depth is None or self.decoder_depth >= 0, "method.decoder_depth must be >= 0 or none")
-        check(not self.mae or self.decoder_depth != 0,
-              "method.mae=true needs a decoder to fill in the masked tokens (method.decoder_depth >= 1 or none)")
+def check_masked_net(m) -> None:
+    """The network fields every masked method section has: class_dropout (MAR's "fake latent": 0.1),
+    num_buffer class tokens in front of the grid (MAR: 64; MaskGIT: 1), mae (the encoder sees visible tokens
+    only; the decoder gets mask tokens), decoder_depth (0: no decoder, MaskGIT; None: as deep as the encoder,
+    MAR and eMIGM) and null_is_mask_token (eMIGM: the null condition for CFG is the mask token itself)."""
+    check(0 <= m.class_dropout < 1, "method.class_dropout must be in [0, 1)")
+    check(m.num_buffer >= 1, "method.num_buffer must be >= 1")
+    check(m.decoder_depth is None or m.decoder_depth >= 0, "method.decoder_depth must be >= 0 or none")
+    check(not m.mae or m.decoder_depth != 0,
+          "method.mae=true needs a decoder to fill in the masked tokens (method.decoder_depth >= 1 or none)")
 
 
 @dataclass(frozen=True)
-class MaskedSampleConfig(TokenSampling):
+class MaskedSampling:
+    """Sampling of `mdm` and `mar` (MaskGIT's adds the choice temperature)."""
+
     num_steps: int = 16               # K network passes; each reveals >= 1 token, the last reveals all
-    cfg_scale: float = 1.0            # guidance weight w; 1 = no guidance (no unconditional pass)
-    cfg_schedule: Literal["constant", "linear"] = "linear"  # linear: 1 + (w-1) * revealed/N (MAR)
-    cfg_t_min: float = 0.0            # CFG only on steps whose time t is in (cfg_t_min, cfg_t_max]; outside
-    cfg_t_max: float = 1.0            # it no unconditional pass runs (eMIGM's CFG interval)
+    head: TokenSampling = field(default_factory=CategoricalSampling)  # how each revealed token is drawn
+    guidance: Guidance = field(default_factory=Guidance)  # progress: tokens revealed after the step / N
     batch_size: int = 256
 
     def __post_init__(self):
-        super().__post_init__()
         check(self.num_steps >= 1, "sample.num_steps must be >= 1")
-        check(self.cfg_scale >= 0, "sample.cfg_scale must be >= 0")
-        check(0 <= self.cfg_t_min < self.cfg_t_max <= 1,
-              f"sample.cfg_t_min={self.cfg_t_min} and cfg_t_max={self.cfg_t_max} must satisfy 0 <= min < max <= 1")
         check(self.batch_size > 0, "sample.batch_size must be > 0")
 
 
@@ -94,8 +86,7 @@ class MaskedParadigm(Paradigm):
         self.decoder = Transformer(dataclasses.replace(run.model, depth=depth)) if depth else None
         self.dec_pos = learned_positions(nb + n, c) if depth else None
         self.head_pos = learned_positions(n, c)  # MAR's position embedding added before the head
-        self.head = build_head(tokenizer, c, m)
-        self._last_masked = torch.zeros(())  # mean masked tokens per sample of the last training batch
+        self.head = build_head(tokenizer, c, None if tokenizer.discrete else m.head)  # MaskGIT has no head section
 
     # --- what subclasses choose -------------------------------------------------------------------
     def training_mask(self, batch: int, device) -> tuple[Tensor, Tensor]:
@@ -141,14 +132,9 @@ class MaskedParadigm(Paradigm):
         return h[:, nb:] + self.head_pos  # (B, N, C)
 
     # --- training -----------------------------------------------------------------------------------
-    @property
-    def last_masked_count(self) -> float:
-        return float(self._last_masked)
-
     def loss(self, tokens: Tensor, labels: Tensor) -> Tensor:
         b = tokens.shape[0]
         mask, weight = self.training_mask(b, tokens.device)
-        self._last_masked = mask.sum().detach() / b  # a tensor: no host sync on the training hot path
         z = self.features(tokens, mask, self.condition(labels))
         per_token = self.head.loss(z[mask], tokens[mask])  # (M,) over the masked tokens of the batch
         w = weight[:, None].expand(b, self.seq_len)[mask]
@@ -158,34 +144,28 @@ class MaskedParadigm(Paradigm):
     def sampling_times(self, num_steps: int) -> list[float]:
         return torch.linspace(1.0, self.time_end, num_steps + 1, dtype=torch.float64, device="cpu").tolist()
 
-    def mask_counts(self, s: MaskedSampleConfig) -> list[int]:
+    def mask_counts(self, s: MaskedSampling) -> list[int]:
         """Tokens still masked before each step and after the last: N = m_0 > m_1 > ... > m_K = 0."""
         if s.num_steps > self.seq_len:
             raise IsynthError(f"sample.num_steps={s.num_steps} exceeds the {self.seq_len} tokens to reveal")
         with torch.device("cpu"):  # plain numbers, also when the model is built on the meta device
             return masked_counts(self.seq_len, self.sampling_times(s.num_steps), self.sampling_schedule)
 
-    def cfg_weight(self, s: MaskedSampleConfig, t: float, masked_after: int) -> float | None:
-        """Guidance weight of a step at time t, or None: no unconditional pass on this step."""
-        if s.cfg_scale == 1.0 or not s.cfg_t_min < t <= s.cfg_t_max:
-            return None
-        if s.cfg_schedule == "constant":
-            return s.cfg_scale
-        return 1.0 + (s.cfg_scale - 1.0) * (self.seq_len - masked_after) / self.seq_len  # MAR's linear
+    def cfg_weights(self, s: MaskedSampling) -> list[float | None]:
+        """Guidance weight of each step, None where it runs no unconditional pass."""
+        counts, times, n = self.mask_counts(s), self.sampling_times(s.num_steps), self.seq_len
+        return [s.guidance.weight((n - counts[k + 1]) / n, times[k]) for k in range(s.num_steps)]
 
     @torch.no_grad()
-    def sample(self, labels: Tensor, sampling: MaskedSampleConfig | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
-        s = self.sampling_or_default(sampling)
-        b, n, dev = labels.shape[0], self.seq_len, labels.device
-        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
+    def sample(self, labels: Tensor, sampling: MaskedSampling, generator: torch.Generator | None = None) -> Tensor:
+        s, b, n, dev = sampling, labels.shape[0], self.seq_len, labels.device
+        counts, weights = self.mask_counts(s), self.cfg_weights(s)
         tokens = empty_tokens(self.tokenizer, b, dev)
         mask = torch.ones(b, n, dtype=torch.bool, device=dev)
         ranks = torch.rand(b, n, generator=generator, device=dev).argsort(1).argsort(1)  # random order (B, N)
         cond = self.condition(labels)
         uncond = self.condition(torch.full_like(labels, self.class_embed.null))
-        for k in range(s.num_steps):
-            w = self.cfg_weight(s, times[k], counts[k + 1])
+        for k, w in enumerate(weights):
             if w is None:
                 z = self.features(tokens, mask, cond)  # (B, N, C)
             else:  # conditional rows then unconditional rows, reading the same partial grid
@@ -196,7 +176,7 @@ class MaskedParadigm(Paradigm):
         return tokens
 
     def reveal(self, k: int, z: Tensor, w: float | None, mask: Tensor, ranks: Tensor, counts: list[int],
-               s: MaskedSampleConfig, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+               s: MaskedSampling, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Which positions step k reveals (B, N) bool, and their values in row-major order.
 
         Random order (MAR, eMIGM): the tokens ranked in [m_{k+1}, m_k) of each row's random permutation;
@@ -204,12 +184,16 @@ class MaskedParadigm(Paradigm):
         """
         reveal = (ranks >= counts[k + 1]) & (ranks < counts[k])  # exactly m_k - m_{k+1} per row
         zr = z[torch.cat([reveal, reveal])] if w is not None else z[reveal]  # (R * r, C)
-        return reveal, self.head.sample(zr, s, w, generator)
+        return reveal, self.head.sample(zr, s.head, w, generator)
 
-    def num_network_evals(self, sampling: MaskedSampleConfig | None = None) -> int:
-        return self.sampling_or_default(sampling).num_steps
+    def num_network_evals(self, sampling: MaskedSampling) -> int:
+        return sampling.num_steps
 
-    # --- compute accounting (SPEC 2) ----------------------------------------------------------------
+    def unconditional_passes(self, sampling: MaskedSampling) -> int:
+        """Steps that run the unconditional half too (the guidance interval cuts these)."""
+        return sum(w is not None for w in self.cfg_weights(sampling))
+
+    # --- compute accounting -------------------------------------------------------------------------
     def features_flops(self, visible: float, train: bool = False) -> float:
         """One pass of `features` for one sample with `visible` unmasked tokens."""
         n, nb = self.seq_len, self.num_buffer
@@ -229,23 +213,15 @@ class MaskedParadigm(Paradigm):
             pmf = self.train_count_pmf()
         return int(sum(p * self.train_flops_given(m) for m, p in enumerate(pmf.tolist()) if p > 0))
 
-    def head_sample_flops(self, k: int, counts: list[int], s: MaskedSampleConfig, cfg: bool) -> float:
+    def head_sample_flops(self, k: int, counts: list[int], s: MaskedSampling, cfg: bool) -> float:
         """Per image: one head call per step for a batch of sample.batch_size images, which share its
         per-call work (the diffusion head's time embedding)."""
-        return self.head.sample_flops(s.batch_size * (counts[k] - counts[k + 1]), s, cfg) / s.batch_size
+        return self.head.sample_flops(s.batch_size * (counts[k] - counts[k + 1]), s.head, cfg) / s.batch_size
 
-    def sample_flops(self, sampling: MaskedSampleConfig | None = None) -> int:
-        s = self.sampling_or_default(sampling)
-        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
-        total = 0.0
-        for k in range(s.num_steps):
-            cfg = self.cfg_weight(s, times[k], counts[k + 1]) is not None
+    def sample_flops(self, sampling: MaskedSampling) -> int:
+        counts, total = self.mask_counts(sampling), 0.0
+        for k, w in enumerate(self.cfg_weights(sampling)):
+            cfg = w is not None
             total += (2 if cfg else 1) * self.features_flops(self.seq_len - counts[k])
-            total += self.head_sample_flops(k, counts, s, cfg)
+            total += self.head_sample_flops(k, counts, sampling, cfg)
         return int(total)
-
-    def unconditional_passes(self, sampling: MaskedSampleConfig | None = None) -> int:
-        """Steps that run the unconditional half too (the CFG interval cuts these)."""
-        s = self.sampling_or_default(sampling)
-        counts, times = self.mask_counts(s), self.sampling_times(s.num_steps)
-        return sum(self.cfg_weight(s, times[k], counts[k + 1]) is not None for k in range(s.num_steps))

@@ -1,4 +1,4 @@
-"""MaskGIT (`maskgit`; Chang et al. 2022, Kilian'24 MTP; SPEC 1.3): masked token modelling with
+"""MaskGIT (`maskgit`; Chang et al. 2022; masked-token prediction in Kilian et al. 2024): masked token modelling with
 confidence-ordered parallel decoding over discrete tokens.
 
 Training: t ~ U(0, 1) per sample, ceil(N * gamma(t)) tokens masked uniformly (gamma cosine by default),
@@ -10,37 +10,52 @@ floor(N * gamma(1 - (k+1)/K)) tokens stay masked. Optional CFG, linear in the re
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from isynth.config import check
-from isynth.guidance import draw, filter_logits, guide
+from isynth.guidance import Guidance, guide
+from isynth.heads import CategoricalSampling, draw, filter_logits
 from isynth.masking import MaskSchedule, inverse_mask_fraction, mask_fraction, random_masks
-from isynth.paradigms.masked import MaskedConfig, MaskedParadigm, MaskedSampleConfig
+from isynth.paradigms.masked import MaskedParadigm, check_masked_net
 
 
 @dataclass(frozen=True)
-class MaskGITConfig(MaskedConfig):
+class MaskGITConfig:
     mask_schedule: MaskSchedule = "cosine"
-
-
-@dataclass(frozen=True)
-class MaskGITSampleConfig(MaskedSampleConfig):
-    num_steps: int = 8                # MaskGIT's ImageNet-256 setting (8-16 typical)
-    choice_temperature: float = 4.5   # Gumbel noise on the confidence, annealed linearly to 0
+    class_dropout: float = 0.1
+    num_buffer: int = 1
+    mae: bool = False
+    decoder_depth: int | None = 0
+    null_is_mask_token: bool = False
 
     def __post_init__(self):
-        super().__post_init__()
+        check_masked_net(self)
+
+
+@dataclass(frozen=True)
+class MaskGITSampling:
+    num_steps: int = 8                # MaskGIT's ImageNet-256 setting (8-16 typical)
+    choice_temperature: float = 4.5   # Gumbel noise on the confidence, annealed linearly to 0
+    head: CategoricalSampling = field(default_factory=CategoricalSampling)
+    guidance: Guidance = field(default_factory=lambda: Guidance(schedule="linear"))  # progress: revealed / N
+    batch_size: int = 256
+
+    def __post_init__(self):
+        check(self.num_steps >= 1, "sample.num_steps must be >= 1")
         check(self.choice_temperature >= 0, "sample.choice_temperature must be >= 0")
+        check(self.batch_size > 0, "sample.batch_size must be > 0")
 
 
 class MaskGIT(MaskedParadigm):
     name = "maskgit"
-    Config = MaskGITConfig
-    SampleConfig = MaskGITSampleConfig
     discrete = True  # confidence needs token probabilities
+
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[MaskGITConfig, MaskGITSampling]:
+        return MaskGITConfig(), MaskGITSampling()
 
     @property
     def sampling_schedule(self) -> MaskSchedule:
@@ -66,7 +81,7 @@ class MaskGIT(MaskedParadigm):
         logits = self.head.logits(zm).float()
         if w is not None:
             logits = guide(logits[: logits.shape[0] // 2], logits[logits.shape[0] // 2:], w)
-        logits = filter_logits(logits, s.top_k, s.top_p) / s.temperature
+        logits = filter_logits(logits, s.head.top_k, s.head.top_p) / s.head.temperature
         ids = draw(logits, 1.0, generator)  # (B * m_k,)
         conf = torch.full(mask.shape, math.inf, device=z.device)
         logp = logits.log_softmax(-1).gather(-1, ids[:, None]).squeeze(-1)
@@ -81,4 +96,4 @@ class MaskGIT(MaskedParadigm):
         return reveal, chosen[reveal]
 
     def head_sample_flops(self, k, counts, s, cfg):
-        return self.head.sample_flops(counts[k], s, cfg)  # logits for every masked token (no per-call work)
+        return self.head.sample_flops(counts[k], s.head, cfg)  # logits for every masked token (no per-call work)

@@ -1,4 +1,5 @@
-"""Masked diffusion in eMIGM's design space (`mdm`; You et al. 2025, seed 004; SPEC 1.4).
+"""Masked diffusion in eMIGM's design space (`mdm`; You et al. 2025, "Effective and Efficient Masked Image
+Generation Models").
 
 Every choice of the paper's Table 1 is configuration of the shared masked model (`masked.py`):
 - masking distribution: one t ~ U(0, 1) per batch, clamped to t >= t_min (time truncation, sec. 3.3),
@@ -20,42 +21,42 @@ import torch
 from torch import Tensor
 
 from isynth.config import TokenizerConfig, check
+from isynth.diffhead import DiffHeadConfig, DiffHeadSampling
+from isynth.heads import head_sections
 from isynth.masking import MaskSchedule, elbo_weight, mask_fraction, random_masks
-from isynth.paradigms.masked import MaskedConfig, MaskedParadigm, MaskedSampleConfig
+from isynth.paradigms.masked import MaskedParadigm, MaskedSampling, check_masked_net
 
 _P_MIN = 1e-3  # p = (1 - 1e-3) t + 1e-3 keeps gamma(p) > 0
 
 
 @dataclass(frozen=True)
-class MDMConfig(MaskedConfig):
-    mask_schedule: MaskSchedule = "exp"         # every released eMIGM script: exp
+class MDMConfig:
+    mask_schedule: MaskSchedule = "exp"          # every released eMIGM script: exp
     weighting: Literal["none", "elbo"] = "none"  # w = 1, or gamma'/gamma
     t_min: float = 0.2                           # time truncation: t = max(t, t_min)
+    class_dropout: float = 0.1
+    num_buffer: int = 64
     mae: bool = True
     decoder_depth: int | None = None
-    num_buffer: int = 64
     null_is_mask_token: bool = True
+    head: DiffHeadConfig | None = None           # the diffusion head, with continuous tokens
 
     def __post_init__(self):
-        super().__post_init__()
+        check_masked_net(self)
         check(0 <= self.t_min < 1, f"method.t_min must be in [0, 1), got {self.t_min}")
-
-
-@dataclass(frozen=True)
-class MDMSampleConfig(MaskedSampleConfig):
-    num_steps: int = 16
-    cfg_schedule: Literal["constant", "linear"] = "constant"  # released: constant w = 4 on an interval
-    head_sampler: Literal["ddpm", "dpm++"] = "dpm++"
-    head_steps: int = 8                                      # eMIGM: 8 (16 steps) or 14 (128 steps)
 
 
 class MDM(MaskedParadigm):
     name = "mdm"
-    Config = MDMConfig
-    SampleConfig = MDMSampleConfig
     discrete = None  # categorical or diffusion head, by the tokenizer
     default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
     time_end = 1e-5
+
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[MDMConfig, MaskedSampling]:
+        # Released eMIGM sampling: 16 steps, 8 DPM-Solver++ head steps (14 for 128 steps), constant CFG.
+        head, head_sampling = head_sections(discrete, DiffHeadSampling(sampler="dpm++", steps=8))
+        return MDMConfig(head=head), MaskedSampling(num_steps=16, head=head_sampling)
 
     def __init__(self, run, tokenizer, num_classes):
         super().__init__(run, tokenizer, num_classes)
@@ -83,7 +84,8 @@ class MDM(MaskedParadigm):
         t = t_min + (torch.arange(grid, dtype=torch.float64) + 0.5) * (1 - t_min) / grid
         weights = torch.full((grid,), (1 - t_min) / grid, dtype=torch.float64)
         if t_min > 0:
-            t, weights = torch.cat([t, torch.tensor([t_min], dtype=torch.float64)]), torch.cat([weights, torch.tensor([t_min], dtype=torch.float64)])
+            point = torch.tensor([t_min], dtype=torch.float64)
+            t, weights = torch.cat([t, point]), torch.cat([weights, point])
         gamma = mask_fraction(self.run.method.mask_schedule, self._p(t)).clamp(1e-12, 1 - 1e-12)
         m = torch.arange(n + 1, dtype=torch.float64)
         log_pmf = torch.distributions.Binomial(n, probs=gamma[:, None]).log_prob(m[None])  # (grid, N + 1)

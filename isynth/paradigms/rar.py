@@ -1,10 +1,11 @@
-"""RAR, randomized autoregressive modeling (`rar`, seed 001; SPEC 1.2).
+"""RAR, randomized autoregressive modeling (`rar`; Yu et al. 2024, "Randomized Autoregressive Visual
+Generation").
 
 Next-token prediction (this subclasses `ar`) where each training sample's order is a random permutation
 with probability r, else raster. r = 1 until `anneal_start_step`, then falls linearly to 0 at
 `anneal_end_step` (paper: epochs 200 -> 300 of 400, i.e. 50% -> 75% of training, the defaults here).
-`order = random` / `raster` are the ablation endpoints (seed 001 Table 2). Target-aware positions
-(seed 001 sec. 3.2, Fig. 3b) tell each input which position comes next; `target_aware = false` removes
+`order = random` / `raster` are the ablation endpoints (RAR Table 2). Target-aware positions
+(RAR sec. 3.2, Fig. 3b) tell each input which position comes next; `target_aware = false` removes
 them for the ablation. Sampling is always raster with the KV cache, exactly as `ar`.
 """
 from __future__ import annotations
@@ -16,19 +17,23 @@ import torch
 from torch import Tensor
 
 from isynth.config import RunConfig, check
-from isynth.paradigms.ar import AR, ARConfig, ARSampleConfig
+from isynth.diffhead import DiffHeadConfig
+from isynth.heads import head_sections
+from isynth.paradigms.ar import AR, ARSampling
 from isynth.tokenizers import Tokenizer
 
 
 @dataclass(frozen=True)
-class RARConfig(ARConfig):
+class RARConfig:
+    class_dropout: float = 0.1              # label -> null class during training, for CFG (RAR: 0.1)
     order: Literal["anneal", "random", "raster"] = "anneal"
-    anneal_start_step: int | None = None  # None: 50% of training steps
-    anneal_end_step: int | None = None    # None: 75% of training steps
+    anneal_start_step: int | None = None    # None: 50% of training steps
+    anneal_end_step: int | None = None      # None: 75% of training steps
     target_aware: bool = True
+    head: DiffHeadConfig | None = None      # the diffusion head, with continuous tokens
 
     def __post_init__(self):
-        super().__post_init__()
+        check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
         s, e = self.anneal_start_step, self.anneal_end_step
         check(s is None or s >= 0, "method.anneal_start_step must be >= 0")
         check(e is None or e >= 0, "method.anneal_end_step must be >= 0")
@@ -36,7 +41,7 @@ class RARConfig(ARConfig):
 
 
 def random_ratio(step: int, start: int, end: int) -> float:
-    """Probability r of a random permutation at `step` (seed 001 eq. 4 / `get_rar_random_ratio`)."""
+    """Probability r of a random permutation at `step` (RAR eq. 4; 1d-tokenizer's `get_rar_random_ratio`)."""
     if step < start:
         return 1.0
     if step >= end:
@@ -46,12 +51,14 @@ def random_ratio(step: int, start: int, end: int) -> float:
 
 class RAR(AR):
     name = "rar"
-    Config = RARConfig
-    SampleConfig = ARSampleConfig
 
-    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
-        self.target_aware = run.method.target_aware  # read by AR.__init__ to build the table
-        super().__init__(run, tokenizer, num_classes)
+    @classmethod
+    def sections(cls, discrete: bool) -> tuple[RARConfig, ARSampling]:
+        head, head_sampling = head_sections(discrete)
+        return RARConfig(head=head), ARSampling(head=head_sampling)
+
+    def __init__(self, run: RunConfig[RARConfig, ARSampling], tokenizer: Tokenizer, num_classes: int):
+        super().__init__(run, tokenizer, num_classes, target_aware=run.method.target_aware)
 
     def anneal_window(self) -> tuple[int, int]:
         m, total = self.run.method, self.total_steps

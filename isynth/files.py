@@ -1,0 +1,52 @@
+"""Writing files so that a kill at any instant leaves either the old file or the new one, never half of one:
+everything is written to a temporary name in the destination directory and renamed into place. Reading
+JSON the user may have edited turns any problem into one clear error."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from isynth.errors import IsynthError
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path`, on error it is removed.
+
+    The name `.<name>.<pid>.<random>.tmp` lets a resumed run find and delete what a killed one left, and
+    the file gets the usual umask permissions (tempfile.mkstemp would make it 0600)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """A safetensors file written to a temporary name and renamed into place."""
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The parsed JSON file at `path`, or one IsynthError naming it as an unreadable `what`."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise IsynthError(f"{path}: unreadable {what} ({e})") from None
