@@ -18,10 +18,11 @@ import time
 
 import torch
 
+from isynth.conditions import Conditions
 from isynth.hardware import default_device
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
-from isynth.tokenizers import ShapeOnly
+from isynth.tokenizers.fixed import ShapeOnly
 from isynth.trainer import autocast_for
 
 
@@ -42,7 +43,7 @@ def main():
     tok = ShapeOnly(args.seq_len, args.vocab_size if discrete else 0, 1 if discrete else args.token_dim, discrete)
     device = default_device()
     torch.manual_seed(0)
-    model = build_paradigm(run, tok, args.num_classes).to(device).eval()
+    model = build_paradigm(run, tok, Conditions.classes(args.num_classes)).to(device).eval()
     s = dataclasses.replace(run.sample, batch_size=args.batch)
     labels = torch.arange(args.batch, device=device) % args.num_classes
     with autocast_for(device):  # warm-up: kernels, allocator, scheduler caches

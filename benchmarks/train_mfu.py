@@ -16,12 +16,14 @@ import time
 
 import torch
 
+from isynth.conditions import Conditions
 from isynth.data import load_dataset
 from isynth.hardware import default_device, peak_flops
 from isynth.overrides import apply
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
-from isynth.tokenizers import ShapeOnly, build_tokenizer
+from isynth.tokenizers.build import build_tokenizer
+from isynth.tokenizers.fixed import ShapeOnly
 from isynth.trainer import autocast_for, build_optimizer, train_step
 
 
@@ -47,10 +49,10 @@ def main():
     device = default_device()
     run = make_run(args.paradigm, args.preset, args.overrides)
     if args.seq_len:
-        tokenizer, classes = ShapeOnly(args.seq_len, args.vocab_size), args.num_classes
+        tokenizer, classes = ShapeOnly(args.seq_len, args.vocab_size), Conditions.classes(args.num_classes)
     else:
         ds = load_dataset(run.data)
-        tokenizer, classes = build_tokenizer(run.tokenizer, ds.image_shape), ds.num_classes
+        tokenizer, classes = build_tokenizer(run.tokenizer, ds.image_shape), ds.conditions
     torch.manual_seed(0)
     model = build_paradigm(run, tokenizer, classes).to(device).train()
     model.set_progress(0, 1)
@@ -58,7 +60,7 @@ def main():
     opt = build_optimizer(model, run.train, device)
     amp = autocast_for(device)
     tokens = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.seq_len), device=device)
-    labels = torch.randint(0, classes, (batch,), device=device)
+    labels = torch.randint(0, classes.num_classes, (batch,), device=device)
     for _ in range(args.warmup):
         train_step(model, model, opt, tokens, labels, run.train.lr, run.train.grad_clip, amp)
     sync(device)
@@ -80,7 +82,7 @@ def main():
     if args.sample_batch:
         model.eval()
         s = apply(run.sample, {"kv_cache": True, "guidance.scale": max(run.sample.guidance.scale, 1.5)}, "sample.")
-        lab = torch.arange(args.sample_batch, device=device) % classes
+        lab = torch.arange(args.sample_batch, device=device) % classes.num_classes
         with amp:
             model.sample(lab[:2], s, None)  # warm-up
             sync(device)

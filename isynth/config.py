@@ -52,28 +52,55 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "npz"] = "digits"
-    path: str | None = None       # .npz file for name=npz (arr_0 uint8 NHWC, labels int64)
+    name: Literal["digits", "shapes", "npz", "folder"] = "digits"
+    path: str | None = None       # npz: the file (arr_0 uint8 NHWC, labels int64); folder: the directory
     eval_fraction: float = 0.2    # held-out share, split by a seeded permutation
-    split_seed: int = 0
+    split_seed: int = 0           # the split's seed (and shapes' generator seed)
+    image_size: int | None = None  # folder and shapes: side of the square images (default 32); others: None
+    num_images: int = 12_000      # shapes: images generated (training and held-out splits together)
+    flip: bool = False            # also train on mirrored copies of the training images (MAR caches both)
 
     def __post_init__(self):
         check(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
+        check(self.image_size is None or 8 <= self.image_size <= 1024, "data.image_size must be in [8, 1024]")
+        check(self.image_size is None or self.name in ("folder", "shapes"),
+              f"data.image_size resizes image folders and shapes; {self.name} keeps its images' size")
+        check(self.num_images >= 10, "data.num_images must be >= 10")
+        check(not self.flip or self.name in ("npz", "folder"),
+              f"data.flip mirrors images, which would change what {self.name}' labels say (a mirrored digit, a "
+              "shape's position); it is for user data (npz, folder)")
+
+    @property
+    def side(self) -> int:
+        """The image side of folder and shapes datasets."""
+        return self.image_size or 32
+
+
+DISCRETE_KINDS = ("grey", "vq", "fsq", "lfq")   # ids, a softmax head
+LEARNED_KINDS = ("vq", "fsq", "lfq", "kl")      # trained by `isynth tokenizer train`, read from tokenizer.path
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    kind: Literal["grey", "patch"] = "grey"  # grey: discrete ids; patch: continuous vectors
+    # grey: one id per pixel and channel; patch: pixel patches as vectors; vq / fsq / lfq: codes of a learned
+    # quantised autoencoder; kl: latents of a learned KL autoencoder; vae: a pretrained diffusers AutoencoderKL
+    kind: Literal["grey", "patch", "vq", "fsq", "lfq", "kl", "vae"] = "grey"
     levels: int = 17              # grey: number of quantisation levels (17 is lossless for digits)
-    patch_size: int = 1           # patch: side of the square patch per continuous token
+    patch_size: int = 1           # patch: pixels per side of a token; kl / vae: latent cells per side of a token
+    path: str | None = None       # learned kinds: an `isynth tokenizer train` directory; vae: a diffusers folder
 
     def __post_init__(self):
         check(2 <= self.levels <= 256, "tokenizer.levels must be in [2, 256]")
         check(self.patch_size >= 1, "tokenizer.patch_size must be >= 1")
+        needs_path = self.kind in LEARNED_KINDS or self.kind == "vae"
+        check(not needs_path or self.path is not None,
+              f"tokenizer.kind={self.kind} needs tokenizer.path (a tokenizer directory)")
+        check(needs_path or self.path is None,
+              f"tokenizer.path is for learned and pretrained tokenizers, not {self.kind}")
 
     @property
     def discrete(self) -> bool:
-        return self.kind == "grey"
+        return self.kind in DISCRETE_KINDS
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 `digits` is scikit-learn's bundled 8x8 handwritten digits (1,797 images, grey levels 0..16, 10 classes),
 so every default works offline. Its levels v are stored as uint8 round(v * 255 / 16), which the 17-level
-tokenizer inverts exactly. `npz` reads user data: `arr_0` uint8 [N, H, W, C] and `labels` int64 [N].
+tokenizer inverts exactly. `shapes` is generated (`isynth.shapes`), with attributes instead of one class.
+`npz` reads user data: `arr_0` uint8 [N, H, W, C] and `labels` int64 [N]; `folder` an image folder.
 """
 from __future__ import annotations
 
@@ -13,20 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
+from isynth import shapes
+from isynth.conditions import Conditions
 from isynth.config import DataConfig
 from isynth.errors import IsynthError
 
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """Train and held-out images (uint8 [N, H, W, C]) with int64 labels."""
+    """Train and held-out images (uint8 [N, H, W, C]) with int64 class ids, and what the ids mean."""
 
     name: str
     train_images: np.ndarray
     train_labels: np.ndarray
     eval_images: np.ndarray
     eval_labels: np.ndarray
-    num_classes: int
+    conditions: Conditions
+
+    @property
+    def num_classes(self) -> int:
+        return self.conditions.num_classes
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -98,6 +105,10 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
 
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Load a dataset and split it with a seeded permutation (the same split on every machine)."""
+    if cfg.name == "shapes":
+        train, train_ids, held, held_ids, cond = shapes.generate(cfg.num_images, cfg.eval_fraction, cfg.side,
+                                                                  cfg.split_seed)
+        return ImageDataset("shapes", train, train_ids, held, held_ids, cond)
     if cfg.name == "digits":
         images, labels = _load_digits()
     elif cfg.name == "npz":
@@ -114,11 +125,9 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         raise IsynthError(f"data.eval_fraction={cfg.eval_fraction} leaves no training images out of {n}")
     perm = np.random.default_rng(cfg.split_seed).permutation(n)
     ev, tr = perm[:n_eval], perm[n_eval:]
-    return ImageDataset(
-        name=cfg.name,
-        train_images=images[tr],
-        train_labels=labels[tr],
-        eval_images=images[ev],
-        eval_labels=labels[ev],
-        num_classes=num_classes,
-    )
+    train_images, train_labels = images[tr], labels[tr]
+    if cfg.flip:  # mirrored copies beside the originals, as MAR caches latents of both
+        train_images = np.concatenate([train_images, train_images[:, :, ::-1]])
+        train_labels = np.concatenate([train_labels, train_labels])
+    return ImageDataset(cfg.name, train_images, train_labels, images[ev], labels[ev],
+                        Conditions.classes(num_classes))

@@ -4,39 +4,52 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from isynth.conditions import Conditions
 from isynth.flops import matmul_flops
 
 
 class ClassEmbedding(nn.Module):
-    """Embedding of `num_classes` labels plus one null label (index num_classes) for CFG.
+    """Embedding of class ids as the sum of one embedding per attribute (`isynth.conditions`), each attribute
+    with its own null entry; the null class (id num_classes) is every attribute null.
 
-    During training, labels are replaced by the null label with probability `dropout` so the same
-    network also models p(x) (Ho & Salimans 2022); sampling uses the null label for the unconditional
-    half of the doubled batch.
+    During training each attribute is replaced by its null entry with probability `dropout`, independently,
+    so the same network also models p(x) and every partial condition (Ho & Salimans 2022 for one
+    attribute); sampling uses the null class for the unconditional half of the doubled batch. With one
+    attribute (labelled data) this is one table of num_classes + 1 rows.
     """
 
-    def __init__(self, num_classes: int, width: int, dropout: float):
+    def __init__(self, conditions: Conditions, width: int, dropout: float, init_std: float | None = 0.02):
         super().__init__()
-        self.num_classes, self.dropout = num_classes, dropout
-        self.table = nn.Embedding(num_classes + 1, width)
-        nn.init.trunc_normal_(self.table.weight, std=0.02)
+        self.num_classes, self.dropout, self.sizes = conditions.num_classes, dropout, conditions.sizes
+        self.tables = nn.ModuleList(nn.Embedding(size + 1, width) for size in self.sizes)
+        if init_std is not None:  # else PyTorch's N(0, 1)
+            for table in self.tables:
+                nn.init.trunc_normal_(table.weight, std=init_std)
+        # (num_classes + 1, K): the attributes of every class id; the last row, the null class, is every
+        # attribute's null entry. from_numpy: a CPU tensor also under torch.device("meta") (`isynth flops`).
+        attrs = np.concatenate([conditions.class_attrs(), np.array([self.sizes], dtype=np.int64)])
+        self.register_buffer("attrs", torch.from_numpy(attrs), persistent=False)
 
     @property
     def null(self) -> int:
         return self.num_classes
 
     def forward(self, labels: Tensor, null_vector: Tensor | None = None) -> Tensor:
-        """(B,) labels -> (B, C). `null_vector` (C,), if given, stands for the null label: eMIGM makes the
+        """(B,) class ids -> (B, C). `null_vector` (C,), if given, stands for the null class: eMIGM makes the
         mask token the null condition (You et al. 2025, sec. 3.2), one shared parameter."""
+        attrs = self.attrs[labels]  # (B, K)
         if self.training and self.dropout > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout
-            labels = torch.where(drop, torch.full_like(labels, self.null), labels)
-        emb = self.table(labels)  # (B, C)
+            drop = torch.rand(attrs.shape, device=labels.device) < self.dropout  # (B, K)
+            attrs = torch.where(drop, self.attrs[self.null], attrs)
+        emb = self.tables[0](attrs[:, 0])  # (B, C)
+        for k in range(1, len(self.tables)):
+            emb = emb + self.tables[k](attrs[:, k])
         if null_vector is not None:
-            emb = torch.where((labels == self.null)[:, None], null_vector, emb)
+            emb = torch.where((attrs == self.attrs[self.null]).all(1, keepdim=True), null_vector, emb)
         return emb
 
 

@@ -18,7 +18,7 @@ from isynth.config import check
 from isynth.diffhead import DiffHeadConfig, DiffHeadSampling, DiffusionHead
 from isynth.flops import matmul_flops
 from isynth.guidance import guide
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from isynth.errors import IsynthError
 from isynth.overrides import apply, parse_overrides
 from isynth.paradigms import default_run, paradigm_class
 from isynth.paradigms.base import Paradigm
+from isynth.tokenizers.store import read_manifest
 
 Settings = dict[str, object]
 Preset = Callable[[type[Paradigm], bool], Settings]  # (paradigm, discrete tokens) -> settings
@@ -244,9 +245,10 @@ def make_run(paradigm: str, preset: str = "cpu", overrides: list[str] | tuple[st
     parsed = parse_overrides(overrides)
     if "paradigm" in parsed:
         raise IsynthError("the paradigm is chosen by the command's argument, not an override")
-    kind = {k: v for k, v in parsed.items() if k == "tokenizer.kind"}
-    run = default_run(paradigm, apply(cls.default_tokenizer, {k.removeprefix("tokenizer."): v for k, v in kind.items()},
-                                      "tokenizer."))
+    family = {k.removeprefix("tokenizer."): v for k, v in parsed.items() if k in ("tokenizer.kind", "tokenizer.path")}
+    if "path" in family and "kind" not in family:  # a learned tokenizer's directory says what it is
+        family["kind"] = parsed["tokenizer.kind"] = read_manifest(family["path"])["kind"]
+    run = default_run(paradigm, apply(cls.default_tokenizer, family, "tokenizer."))
     run = apply(run, PRESETS[preset](cls, run.tokenizer.discrete))
     # Setting one budget replaces the preset's other one (a run has exactly one).
     for one, other in (("train.train_flops", "train.max_steps"), ("train.max_steps", "train.train_flops")):

@@ -6,13 +6,15 @@ import dataclasses
 import torch
 
 from isynth.backbone import Transformer
+from isynth.conditions import Conditions
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
 from isynth.overrides import apply
 from isynth.paradigms import build_paradigm, paradigm_class
 from isynth.paradigms.ar import ARSampling
 from isynth.presets import make_run
-from isynth.tokenizers import ShapeOnly, build_tokenizer
+from isynth.tokenizers.build import build_tokenizer
+from isynth.tokenizers.fixed import ShapeOnly
 
 
 def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int | None = None,
@@ -30,12 +32,12 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
             if vocab_size is not None:
                 raise IsynthError("--vocab-size is for discrete tokens (tokenizer.kind=grey)")
             tokenizer = ShapeOnly(seq_len, 0, token_dim or 16, discrete=False)
-        classes = num_classes or 1000
+        classes = Conditions.classes(num_classes or 1000)
     else:
         if vocab_size is not None or num_classes is not None or token_dim is not None:
             raise IsynthError("--vocab-size, --num-classes and --token-dim go with --seq-len")
         dataset = load_dataset(run.data)
-        tokenizer, classes = build_tokenizer(run.tokenizer, dataset.image_shape), dataset.num_classes
+        tokenizer, classes = build_tokenizer(run.tokenizer, dataset.image_shape), dataset.conditions
     with torch.device("meta"):
         model = build_paradigm(run, tokenizer, classes)
     s = run.sample

@@ -14,7 +14,7 @@ from isynth.errors import IsynthError
 from isynth.hardware import default_device
 from isynth.paradigms import build_paradigm, run_from_dict
 from isynth.paradigms.base import Paradigm
-from isynth.tokenizers import build_tokenizer
+from isynth.tokenizers.build import build_tokenizer
 
 
 def read_run_config(run_dir: Path) -> RunConfig:
@@ -35,7 +35,7 @@ def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | Non
     if not ckpt.is_file():
         raise IsynthError(f"{run_dir} has no checkpoint yet; run `isynth train` first")
     dataset = load_dataset(run.data)
-    model = build_paradigm(run, build_tokenizer(run.tokenizer, dataset.image_shape), dataset.num_classes)
+    model = build_paradigm(run, build_tokenizer(run.tokenizer, dataset.image_shape), dataset.conditions)
     weights, ema, _, meta = load_checkpoint(ckpt)
     load_weights(model, ema if use_ema else weights, ckpt)
     return model.to(device or default_device()).eval(), dataset, meta

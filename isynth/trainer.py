@@ -27,7 +27,7 @@ from isynth.files import atomic_write_text
 from isynth.hardware import default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
-from isynth.tokenizers import build_tokenizer
+from isynth.tokenizers.build import build_tokenizer
 
 
 def total_steps_for(train: TrainConfig, flops_per_sample: int) -> int:
@@ -96,7 +96,7 @@ def build(run: RunConfig, device: torch.device | None = None, check_data: bool =
     (compare validates GET before its teacher's pairs exist)."""
     dataset = load_dataset(run.data)
     tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape)
-    model = build_paradigm(run, tokenizer, dataset.num_classes).to(device or default_device())
+    model = build_paradigm(run, tokenizer, dataset.conditions).to(device or default_device())
     if check_data:
         model.validate_training(dataset)
     fps = model.train_flops_per_sample()

@@ -6,7 +6,8 @@ import torch
 from isynth.config import DataConfig, TokenizerConfig
 from isynth.data import load_dataset, validate_images
 from isynth.errors import IsynthError
-from isynth.tokenizers import GreyLevels, Patches, build_tokenizer
+from isynth.tokenizers.build import build_tokenizer
+from isynth.tokenizers.fixed import GreyLevels, Patches
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 a `Paradigm` subclass + one line here."""
 from __future__ import annotations
 
+from isynth.conditions import Conditions
 from isynth.config import ModelConfig, RunConfig, TokenizerConfig
 from isynth.errors import IsynthError
 from isynth.overrides import merge
@@ -13,7 +14,7 @@ from isynth.paradigms.mar import MAR
 from isynth.paradigms.maskgit import MaskGIT
 from isynth.paradigms.mdm import MDM
 from isynth.paradigms.rar import RAR
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 PARADIGMS: dict[str, type[Paradigm]] = {cls.name: cls for cls in (AR, RAR, MaskGIT, MDM, MAR, ARCont, Diffusion, GET)}
 
@@ -45,7 +46,7 @@ def run_from_dict(data: object) -> RunConfig:
     return merge(default_run(data["paradigm"], tokenizer), data)
 
 
-def build_paradigm(run: RunConfig, tokenizer: Tokenizer, num_classes: int) -> Paradigm:
+def build_paradigm(run: RunConfig, tokenizer: Tokenizer, conditions: Conditions) -> Paradigm:
     cls = paradigm_class(run.paradigm)
     cls.check_tokens(tokenizer.discrete)
-    return cls(run, tokenizer, num_classes)
+    return cls(run, tokenizer, conditions)

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from isynth.backbone import Transformer
-from isynth.config import RunConfig, check
+from isynth.conditions import Conditions
+from isynth.config import RunConfig, TokenizerConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.guidance import Guidance
@@ -36,7 +37,7 @@ from isynth.heads import (
     head_sections,
 )
 from isynth.paradigms.base import Paradigm
-from isynth.tokenizers import Tokenizer, TokenizerConfig
+from isynth.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,12 @@ class AR(Paradigm[ARConfig, ARSampling]):
         head, head_sampling = head_sections(discrete)
         return ARConfig(head=head), ARSampling(head=head_sampling)
 
-    def __init__(self, run: RunConfig[ARConfig, ARSampling], tokenizer: Tokenizer, num_classes: int,
+    def __init__(self, run: RunConfig[ARConfig, ARSampling], tokenizer: Tokenizer, conditions: Conditions,
                  target_aware: bool = False):
-        super().__init__(run, tokenizer, num_classes)
+        super().__init__(run, tokenizer, conditions)
         c, n = run.model.width, self.seq_len
         self.tok_embed = TokenInput(tokenizer, c)
-        self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
+        self.class_embed = ClassEmbedding(conditions, c, run.method.class_dropout)
         self.pos_embed = learned_positions(n + 1, c)  # index 0: cond; 1 + j: image position j
         # RAR's target-aware table: the input at step i also carries the embedding of the position it
         # must predict next (Yu et al. 2024, sec. 3.2), so different orders give different logits.

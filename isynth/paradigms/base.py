@@ -22,9 +22,10 @@ from typing import ClassVar, Generic
 import torch
 from torch import Tensor, nn
 
+from isynth.conditions import Conditions
 from isynth.config import M, RunConfig, S, TokenizerConfig
 from isynth.errors import IsynthError
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 
 class Paradigm(nn.Module, Generic[M, S]):
@@ -47,9 +48,10 @@ class Paradigm(nn.Module, Generic[M, S]):
                 "a continuous tokenizer (tokenizer.kind=patch)"
             raise IsynthError(f"paradigm {cls.name!r} needs {want}")
 
-    def __init__(self, run: RunConfig[M, S], tokenizer: Tokenizer, num_classes: int):
+    def __init__(self, run: RunConfig[M, S], tokenizer: Tokenizer, conditions: Conditions):
         super().__init__()
-        self.run, self.tokenizer, self.num_classes = run, tokenizer, num_classes
+        self.run, self.tokenizer, self.conditions = run, tokenizer, conditions
+        self.num_classes = conditions.num_classes
         self.seq_len = tokenizer.seq_len
         self.train_step, self.total_steps = 0, 1
 
@@ -113,8 +115,8 @@ class FromNoise(Paradigm[M, S]):
     per_token_head = False
     default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
 
-    def __init__(self, run: RunConfig[M, S], tokenizer: Tokenizer, num_classes: int):
-        super().__init__(run, tokenizer, num_classes)
+    def __init__(self, run: RunConfig[M, S], tokenizer: Tokenizer, conditions: Conditions):
+        super().__init__(run, tokenizer, conditions)
         self.token_dim = tokenizer.token_dim
 
     @torch.no_grad()

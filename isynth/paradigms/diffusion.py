@@ -20,13 +20,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isynth.backbone import Transformer
+from isynth.conditions import Conditions
 from isynth.config import RunConfig, check
 from isynth.embeddings import ClassEmbedding, TimestepEmbedder, learned_positions
 from isynth.errors import IsynthError
 from isynth.flops import matmul_flops
 from isynth.guidance import Guidance, guide
 from isynth.paradigms.base import FromNoise
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 TIME_SCALE = 1000  # the time embedding reads t * 1000, the scale of DiT's and SD3's 1000 training timesteps
 
@@ -99,15 +100,16 @@ class Diffusion(FromNoise[DiffusionConfig, DiffusionSampling]):
     def sections(cls, discrete: bool) -> tuple[DiffusionConfig, DiffusionSampling]:
         return DiffusionConfig(), DiffusionSampling()
 
-    def __init__(self, run: RunConfig[DiffusionConfig, DiffusionSampling], tokenizer: Tokenizer, num_classes: int):
-        super().__init__(run, tokenizer, num_classes)
+    def __init__(self, run: RunConfig[DiffusionConfig, DiffusionSampling], tokenizer: Tokenizer,
+                 conditions: Conditions):
+        super().__init__(run, tokenizer, conditions)
         if not run.model.adaln:
             raise IsynthError("diffusion conditions every block on (t, class) by adaLN-Zero: set model.adaln=true")
         c, d = run.model.width, tokenizer.token_dim
         self.in_proj = nn.Linear(d, c)
         self.pos = learned_positions(self.seq_len, c)
         self.time_embed = TimestepEmbedder(c)
-        self.class_embed = ClassEmbedding(num_classes, c, run.method.class_dropout)
+        self.class_embed = ClassEmbedding(conditions, c, run.method.class_dropout)
         self.backbone = Transformer(run.model)
         self.out_proj = nn.Linear(c, d)
         nn.init.zeros_(self.out_proj.weight)  # DiT's zero-initialised final layer: v starts at 0

@@ -27,13 +27,14 @@ from torchdeq import get_deq
 from torchdeq.loss import fp_correction
 
 from isynth.backbone import Transformer
+from isynth.conditions import Conditions
 from isynth.config import RunConfig, check
-from isynth.embeddings import sincos_positions
+from isynth.embeddings import ClassEmbedding, sincos_positions
 from isynth.errors import IsynthError
 from isynth.flops import matmul_flops
 from isynth.pairformat import check_pairs_fit, load_pairs, read_manifest
 from isynth.paradigms.base import FromNoise
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -74,14 +75,14 @@ class GET(FromNoise[GETConfig, GETSampling]):
     def sections(cls, discrete: bool) -> tuple[GETConfig, GETSampling]:
         return GETConfig(), GETSampling()
 
-    def __init__(self, run: RunConfig[GETConfig, GETSampling], tokenizer: Tokenizer, num_classes: int):
-        super().__init__(run, tokenizer, num_classes)
+    def __init__(self, run: RunConfig[GETConfig, GETSampling], tokenizer: Tokenizer, conditions: Conditions):
+        super().__init__(run, tokenizer, conditions)
         if run.model.adaln:
             raise IsynthError("get conditions through qkv, not adaLN: set model.adaln=false")
         m, c, d = run.method, run.model.width, tokenizer.token_dim
         self.in_proj = nn.Linear(d, c)
         self.register_buffer("pos", sincos_positions(tokenizer.grid, c), persistent=False)
-        self.class_qkv = nn.Embedding(num_classes, 3 * c) if m.class_cond else None
+        self.class_qkv = ClassEmbedding(conditions, 3 * c, 0.0, init_std=None) if m.class_cond else None
         self.injection = Transformer(run.model)
         self.qkv_inj = nn.Linear(c, 3 * c * m.deq_depth, bias=False)
         self.equilibrium = Transformer(dataclasses.replace(run.model, depth=m.deq_depth, mlp_ratio=m.deq_mlp_ratio))

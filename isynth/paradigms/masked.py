@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from isynth.backbone import Transformer
+from isynth.conditions import Conditions
 from isynth.config import RunConfig, check
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.errors import IsynthError
@@ -38,7 +39,7 @@ from isynth.guidance import Guidance
 from isynth.heads import CategoricalSampling, TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
 from isynth.masking import MaskSchedule, masked_counts
 from isynth.paradigms.base import Paradigm
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 
 def check_masked_net(m) -> None:
@@ -70,14 +71,14 @@ class MaskedSampling:
 class MaskedParadigm(Paradigm):
     time_end: float = 0.0  # sampling times run over linspace(1, time_end, K + 1) (eMIGM: 1e-5)
 
-    def __init__(self, run: RunConfig, tokenizer: Tokenizer, num_classes: int):
-        super().__init__(run, tokenizer, num_classes)
+    def __init__(self, run: RunConfig, tokenizer: Tokenizer, conditions: Conditions):
+        super().__init__(run, tokenizer, conditions)
         m, c, n = run.method, run.model.width, self.seq_len
         self.num_buffer = nb = m.num_buffer
         if run.sample.num_steps > n:
             raise IsynthError(f"sample.num_steps={run.sample.num_steps} exceeds the {n} tokens to reveal")
         self.tok_embed = TokenInput(tokenizer, c)
-        self.class_embed = ClassEmbedding(num_classes, c, m.class_dropout)
+        self.class_embed = ClassEmbedding(conditions, c, m.class_dropout)
         self.mask_token = nn.Parameter(torch.zeros(c))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.enc_pos = learned_positions(nb + n, c)

@@ -58,8 +58,8 @@ class MDM(MaskedParadigm):
         head, head_sampling = head_sections(discrete, DiffHeadSampling(sampler="dpm++", steps=8))
         return MDMConfig(head=head), MaskedSampling(num_steps=16, head=head_sampling)
 
-    def __init__(self, run, tokenizer, num_classes):
-        super().__init__(run, tokenizer, num_classes)
+    def __init__(self, run, tokenizer, conditions):
+        super().__init__(run, tokenizer, conditions)
         check(self.seq_len >= 2, "mdm masks at least 2 tokens per sample: the token grid needs >= 2 tokens")
 
     @property

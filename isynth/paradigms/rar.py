@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from isynth.conditions import Conditions
 from isynth.config import RunConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.heads import head_sections
 from isynth.paradigms.ar import AR, ARSampling
-from isynth.tokenizers import Tokenizer
+from isynth.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ class RAR(AR):
         head, head_sampling = head_sections(discrete)
         return RARConfig(head=head), ARSampling(head=head_sampling)
 
-    def __init__(self, run: RunConfig[RARConfig, ARSampling], tokenizer: Tokenizer, num_classes: int):
-        super().__init__(run, tokenizer, num_classes, target_aware=run.method.target_aware)
+    def __init__(self, run: RunConfig[RARConfig, ARSampling], tokenizer: Tokenizer, conditions: Conditions):
+        super().__init__(run, tokenizer, conditions, target_aware=run.method.target_aware)
 
     def anneal_window(self) -> tuple[int, int]:
         m, total = self.run.method, self.total_steps

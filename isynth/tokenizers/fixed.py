@@ -1,33 +1,15 @@
-"""Tokenizers behind one interface: uint8 images [B, H, W, C] <-> tokens on an h x w grid.
+"""Fixed tokenizers, with nothing to learn: grey levels (discrete) and pixel patches (continuous).
 
-Discrete tokenizers return int64 ids [B, N]; continuous ones return float vectors [B, N, D]. Both are
-exact on their own outputs (decode(encode(x)) == x for images the tokenizer can represent), which the
-tests check, so generation quality is never limited by the tokenizer on the default data.
+Both are exact on their own outputs (decode(encode(x)) == x for images the tokenizer can represent), which
+the tests check, so generation quality is never limited by the tokenizer on the default data.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from isynth.config import TokenizerConfig
 from isynth.errors import IsynthError
-
-
-class Tokenizer:
-    discrete: bool
-    vocab_size: int          # discrete: number of ids; continuous: 0
-    token_dim: int           # continuous: vector size; discrete: 1
-    grid: tuple[int, int]    # (h, w) token grid
-
-    @property
-    def seq_len(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def encode(self, images: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def decode(self, tokens: Tensor) -> Tensor:
-        raise NotImplementedError
+from isynth.tokenizers.base import Tokenizer
 
 
 class GreyLevels(Tokenizer):
@@ -77,12 +59,6 @@ class Patches(Tokenizer):
         x = tokens.reshape(b, h // p, w // p, p, p, c).permute(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, C)
         x = ((x.reshape(b, h, w, c) + 1.0) * 127.5).round().clamp(0, 255)
         return x.to(torch.uint8)  # (B, H, W, C)
-
-
-def build_tokenizer(cfg: TokenizerConfig, image_shape: tuple[int, int, int]) -> Tokenizer:
-    if cfg.kind == "grey":
-        return GreyLevels(image_shape, cfg.levels)
-    return Patches(image_shape, cfg.patch_size)
 
 
 class ShapeOnly(Tokenizer):
