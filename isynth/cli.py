@@ -17,26 +17,30 @@ from isynth.config import RunConfig
 from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
 from isynth.eval.run_eval import evaluate_run
+from isynth.export import dataset as dataset_commands
 from isynth.overrides import apply, parse_overrides
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
 from isynth.report import flops_report
 from isynth.runs import cycling_labels, generate, load_trained, read_run_config
+from isynth.tokenizers.command import tokenizer as tokenizer_commands
 from isynth.trainer import train as run_training
 
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
 
 
 def _dataset_overrides(dataset: str | None) -> list[str]:
-    """--dataset digits, or --dataset path/to/data.npz."""
+    """--dataset digits | shapes | path/to/data.npz | folder:PATH."""
     if dataset is None:
         return []
-    if dataset == "digits":
-        return ["data.name=digits"]
+    if dataset in ("digits", "shapes"):
+        return [f"data.name={dataset}"]
+    if dataset.startswith("folder:"):
+        return ["data.name=folder", f"data.path={dataset.removeprefix('folder:')}"]
     if dataset.endswith(".npz"):
         return ["data.name=npz", f"data.path={dataset}"]
-    raise IsynthError(f"unknown dataset {dataset!r}: use 'digits' or a path to an .npz file")
+    raise IsynthError(f"unknown dataset {dataset!r}: use digits, shapes, a path to an .npz file or folder:PATH")
 
 
 def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
@@ -71,7 +75,8 @@ def cli():
 @click.argument("paradigm")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Run directory (re-running resumes).")
-@click.option("--dataset", default=None, help="'digits' (default) or a path to an .npz (arr_0 uint8 NHWC, labels).")
+@click.option("--dataset", default=None,
+              help="digits (default), shapes, a path to an .npz (arr_0 uint8 NHWC, labels) or folder:PATH.")
 @click.option("--preset", default="cpu", show_default=True,
               help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")
@@ -189,6 +194,9 @@ def compare(out, paradigms, preset, train_flops, num_pairs, quiet, overrides):
     run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet,
                 num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs)
 
+
+cli.add_command(dataset_commands)
+cli.add_command(tokenizer_commands)
 
 # click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())

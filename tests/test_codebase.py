@@ -10,9 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "isynth"
 MAX_LINES = 400
 # Third-party modules imported on first use, each because importing it costs about a second or more on
-# these machines and most commands never need it: diffusers (DPM-Solver++), scikit-learn (the digits),
-# torchmetrics (FD). Everything else, and every isynth module, is imported at the top of the module.
-DEFERRED = {"diffusers", "sklearn", "torchmetrics"}
+# these machines and most commands never need it: diffusers (DPM-Solver++, AutoencoderKL), scikit-learn (the
+# digits), torchmetrics (FD), vector-quantize-pytorch (learned quantisers). Everything else, and every isynth
+# module, is imported at the top of the module.
+DEFERRED = {"diffusers", "sklearn", "torchmetrics", "vector_quantize_pytorch"}
 
 
 def _modules() -> dict[str, Path]:
