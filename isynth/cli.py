@@ -36,11 +36,13 @@ def _dataset_overrides(dataset: str | None) -> list[str]:
         return []
     if dataset in ("digits", "shapes"):
         return [f"data.name={dataset}"]
-    if dataset.startswith("folder:"):
-        return ["data.name=folder", f"data.path={dataset.removeprefix('folder:')}"]
+    for kind in ("folder", "latents"):
+        if dataset.startswith(f"{kind}:"):
+            return [f"data.name={kind}", f"data.path={dataset.removeprefix(kind + ':')}"]
     if dataset.endswith(".npz"):
         return ["data.name=npz", f"data.path={dataset}"]
-    raise IsynthError(f"unknown dataset {dataset!r}: use digits, shapes, a path to an .npz file or folder:PATH")
+    raise IsynthError(f"unknown dataset {dataset!r}: use digits, shapes, a path to an .npz file, folder:PATH or "
+                      "latents:DIR")
 
 
 def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
@@ -76,7 +78,8 @@ def cli():
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
               help="Run directory (re-running resumes).")
 @click.option("--dataset", default=None,
-              help="digits (default), shapes, a path to an .npz (arr_0 uint8 NHWC, labels) or folder:PATH.")
+              help="digits (default), shapes, a path to an .npz (arr_0 uint8 NHWC, labels), folder:PATH or "
+                   "latents:DIR.")
 @click.option("--preset", default="cpu", show_default=True,
               help="tiny, cpu, rar-b|l|xl|xxl, mar-b|l|h, emigm-xs|s|b|l|h, fluid-166m|369m|665m|1.1b, get-t|m|s|b|b+.")
 @click.option("--steps", type=int, default=None, help="Training budget in optimizer steps.")

@@ -52,8 +52,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "shapes", "npz", "folder"] = "digits"
-    path: str | None = None       # npz: the file (arr_0 uint8 NHWC, labels int64); folder: the directory
+    name: Literal["digits", "shapes", "npz", "folder", "latents"] = "digits"
+    path: str | None = None       # npz: the file (arr_0 uint8 NHWC, labels); folder, latents: the directory
     eval_fraction: float = 0.2    # held-out share, split by a seeded permutation
     split_seed: int = 0           # the split's seed (and shapes' generator seed)
     image_size: int | None = None  # folder and shapes: side of the square images (default 32); others: None

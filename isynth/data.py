@@ -7,6 +7,7 @@ tokenizer inverts exactly. `shapes` is generated (`isynth.shapes`), with attribu
 """
 from __future__ import annotations
 
+import dataclasses
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -14,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from isynth import shapes
+from isynth import latents, shapes
 from isynth.conditions import Conditions
 from isynth.config import DataConfig
 from isynth.errors import IsynthError
+from isynth.folder import load_folder
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class ImageDataset:
     eval_images: np.ndarray
     eval_labels: np.ndarray
     conditions: Conditions
+    flip: bool = False            # train on mirrored copies too (the paradigm's training data adds them)
+    latents: str | None = None    # a directory of cached training tokens (`isynth tokenize`) to train on
 
     @property
     def num_classes(self) -> int:
@@ -109,6 +113,17 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         train, train_ids, held, held_ids, cond = shapes.generate(cfg.num_images, cfg.eval_fraction, cfg.side,
                                                                   cfg.split_seed)
         return ImageDataset("shapes", train, train_ids, held, held_ids, cond)
+    if cfg.name == "latents":  # the source dataset (held-out images, conditions) with the cache beside it
+        if not cfg.path:
+            raise IsynthError("data.path is required for cached latents (use --dataset latents:DIR)")
+        return dataclasses.replace(load_dataset(latents.source_config(cfg.path)), latents=cfg.path)
+    if cfg.name == "folder":
+        if not cfg.path:
+            raise IsynthError("data.path is required for an image folder (use --dataset folder:PATH)")
+        train, train_labels, held, held_labels, names = load_folder(cfg.path, cfg.side, cfg.eval_fraction,
+                                                                    cfg.split_seed)
+        return ImageDataset("folder", train, train_labels, held, held_labels,
+                            Conditions(("class",), (tuple(names),)), cfg.flip)
     if cfg.name == "digits":
         images, labels = _load_digits()
     elif cfg.name == "npz":
@@ -125,9 +140,5 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
         raise IsynthError(f"data.eval_fraction={cfg.eval_fraction} leaves no training images out of {n}")
     perm = np.random.default_rng(cfg.split_seed).permutation(n)
     ev, tr = perm[:n_eval], perm[n_eval:]
-    train_images, train_labels = images[tr], labels[tr]
-    if cfg.flip:  # mirrored copies beside the originals, as MAR caches latents of both
-        train_images = np.concatenate([train_images, train_images[:, :, ::-1]])
-        train_labels = np.concatenate([train_labels, train_labels])
-    return ImageDataset(cfg.name, train_images, train_labels, images[ev], labels[ev],
-                        Conditions.classes(num_classes))
+    return ImageDataset(cfg.name, images[tr], labels[tr], images[ev], labels[ev], Conditions.classes(num_classes),
+                        cfg.flip)

@@ -62,6 +62,10 @@ def flops_report(paradigm: str, preset: str, overrides: list[str], seq_len: int 
         "vocab_size": tokenizer.vocab_size,
         "token_dim": tokenizer.token_dim,
         "train_flops_per_sample": model.train_flops_per_sample(),
+        # the tokenizer's own compute, apart from the generator's: encoding once per training image (cached
+        # with `isynth tokenize`), decoding once per sample
+        "tokenizer": {"kind": run.tokenizer.kind, "encode_flops_per_image": tokenizer.encode_flops(),
+                      "decode_flops_per_image": tokenizer.decode_flops()},
         "sample_flops_per_image": variants["as_configured"],
         "sample_flops_per_image_variants": variants,
         "nfe": model.num_network_evals(s),

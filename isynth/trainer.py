@@ -95,8 +95,11 @@ def build(run: RunConfig, device: torch.device | None = None, check_data: bool =
     """Dataset, model and budget of `run`; check_data=False skips the paradigm's own training-data checks
     (compare validates GET before its teacher's pairs exist)."""
     dataset = load_dataset(run.data)
-    tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape)
-    model = build_paradigm(run, tokenizer, dataset.conditions).to(device or default_device())
+    device = device or default_device()
+    tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape).to(device)
+    if check_data:
+        tokenizer.check_data(dataset.train_images)
+    model = build_paradigm(run, tokenizer, dataset.conditions).to(device)
     if check_data:
         model.validate_training(dataset)
     fps = model.train_flops_per_sample()

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from isynth.conditions import Conditions
 from isynth.config import M, RunConfig, S, TokenizerConfig
 from isynth.errors import IsynthError
+from isynth.latents import load_latents
+from isynth.tokendata import EncodedOnDemand, training_tokens
 from isynth.tokenizers.base import Tokenizer
 
 
@@ -92,11 +94,13 @@ class Paradigm(nn.Module, Generic[M, S]):
     def validate_training(self, dataset) -> None:
         """Raise IsynthError if this run cannot train on `dataset` (called before a run directory is made)."""
 
-    def training_data(self, dataset) -> tuple[Tensor, Tensor]:
-        """(inputs (N, ...), labels (N,)) the trainer draws its batches from: the tokenised training images;
-        GET trains on its teacher's (noise, image) pairs instead."""
-        images, labels = torch.from_numpy(dataset.train_images), torch.from_numpy(dataset.train_labels)
-        return self.tokenizer.encode(images), labels
+    def training_data(self, dataset) -> tuple[Tensor | EncodedOnDemand, Tensor]:
+        """(inputs (N, ...), labels (N,)) the trainer draws its batches from: the tokenised training images
+        (`isynth.tokendata`), or those cached by `isynth tokenize`; GET trains on its teacher's (noise, image)
+        pairs instead."""
+        if dataset.latents is not None:
+            return load_latents(dataset.latents, self.run.tokenizer)
+        return training_tokens(self.tokenizer, dataset.train_images, dataset.train_labels, dataset.flip)
 
     # --- helpers ------------------------------------------------------------------------------------
     @property

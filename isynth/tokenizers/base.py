@@ -25,6 +25,14 @@ class Tokenizer:
     def decode(self, tokens: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def to(self, device) -> Tokenizer:
+        """Move a learned tokenizer's weights; fixed tokenizers have none."""
+        return self
+
+    def check_data(self, images) -> None:
+        """Raise IsynthError if encoding these uint8 images would silently lose information the user did
+        not ask to lose (fixed tokenizers); learned ones are lossy by design and say so in their metrics."""
+
     def encode_flops(self) -> int:
         """Matmul / convolution FLOPs to encode one image (0 for fixed tokenizers)."""
         return 0

@@ -5,6 +5,7 @@ the tests check, so generation quality is never limited by the tokenizer on the 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -13,7 +14,8 @@ from isynth.tokenizers.base import Tokenizer
 
 
 class GreyLevels(Tokenizer):
-    """One token per pixel and channel: id = round(u * (L-1) / 255). Lossless for digits with L = 17."""
+    """One token per pixel and channel: id = round(u * (L-1) / 255). Lossless for digits with L = 17, and for
+    any uint8 data with L = 256."""
 
     discrete = True
     token_dim = 1
@@ -24,14 +26,31 @@ class GreyLevels(Tokenizer):
         self.vocab_size = levels
         self.grid = (h, w * c)  # channels interleaved along the row, raster order = NHWC memory order
 
+    def _ids(self, values: Tensor) -> Tensor:
+        return torch.round(values.to(torch.float32) * (self.vocab_size - 1) / 255.0).long()
+
+    def _values(self, ids: Tensor) -> Tensor:
+        vals = torch.round(ids.clamp(0, self.vocab_size - 1).float() * 255.0 / (self.vocab_size - 1))
+        return vals.to(torch.uint8)
+
     def encode(self, images: Tensor) -> Tensor:
-        b = images.shape[0]
-        ids = torch.round(images.to(torch.float32) * (self.vocab_size - 1) / 255.0).long()
-        return ids.reshape(b, -1)  # (B, H*W*C)
+        return self._ids(images).reshape(images.shape[0], -1)  # (B, H*W*C)
 
     def decode(self, tokens: Tensor) -> Tensor:
-        vals = torch.round(tokens.clamp(0, self.vocab_size - 1).float() * 255.0 / (self.vocab_size - 1))
-        return vals.to(torch.uint8).reshape(tokens.shape[0], *self.image_shape)  # (B, H, W, C)
+        return self._values(tokens).reshape(tokens.shape[0], *self.image_shape)  # (B, H, W, C)
+
+    def check_data(self, images) -> None:
+        """Refuse data that L grey levels would quantise (an RGB photograph at 17 levels): every pixel value
+        present (in the first 10,000 images) must survive encode then decode."""
+        present = np.zeros(256, dtype=bool)
+        for i in range(0, min(len(images), 10_000), 1000):
+            present |= np.bincount(np.asarray(images[i:i + 1000]).ravel(), minlength=256) > 0
+        values = torch.from_numpy(np.flatnonzero(present)).to(torch.uint8)
+        lost = values[self._values(self._ids(values)) != values]
+        if len(lost):
+            raise IsynthError(f"tokenizer.kind=grey with {self.vocab_size} levels would quantise this data's pixel "
+                              f"values ({len(lost)} of the {len(values)} present change, e.g. {int(lost[0])}): set "
+                              "tokenizer.levels=256 for lossless ids, or train a tokenizer (isynth tokenizer train)")
 
 
 class Patches(Tokenizer):
