@@ -13,18 +13,22 @@ from pathlib import Path
 import click
 
 from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
-from isynth.config import RunConfig
+from isynth.config import DataConfig, RunConfig, TokenizerConfig
+from isynth.data import load_dataset
 from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
 from isynth.eval.run_eval import evaluate_run
 from isynth.export import dataset as dataset_commands
+from isynth.latents import tokenize as tokenize_dataset
 from isynth.overrides import apply, parse_overrides
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
 from isynth.report import flops_report
 from isynth.runs import cycling_labels, generate, load_trained, read_run_config
+from isynth.tokenizers.build import build_tokenizer
 from isynth.tokenizers.command import tokenizer as tokenizer_commands
+from isynth.tokenizers.store import read_manifest as read_tokenizer_manifest
 from isynth.trainer import train as run_training
 
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
@@ -179,6 +183,37 @@ def pairs(teacher_run, num_pairs, out, seed, shard_size, no_ema, quiet, override
                            "teacher": m["teacher"]["run_dir"], "teacher_step": m["teacher"]["step"],
                            "sample_flops_per_pair": m["teacher_sample_flops_per_pair"], "nfe": m["nfe"],
                            "seconds": round(sum(sh["seconds"] for sh in m["shards"]), 2)}))
+
+
+@cli.command()
+@click.option("--dataset", default=None, help="digits (default), shapes, an .npz path or folder:PATH.")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path),
+              help="Latents directory (re-running resumes).")
+@click.option("--shard-size", type=int, default=4096, show_default=True, help="Images per shard file.")
+@click.option("--quiet", is_flag=True)
+@click.argument("overrides", nargs=-1, metavar="[tokenizer.FIELD=VALUE | data.FIELD=VALUE]...")
+def tokenize(dataset, out, shard_size, quiet, overrides):
+    """Encode a dataset's training split once with a tokenizer (e.g. tokenizer.path=DIR); train on the cache
+    with --dataset latents:OUT and the same tokenizer settings."""
+    parsed = parse_overrides([*_dataset_overrides(dataset), *overrides])
+    bad = [k for k in parsed if not k.startswith(("tokenizer.", "data."))]
+    if bad:
+        raise IsynthError(f"isynth tokenize takes tokenizer.* and data.* settings, not {bad[0]}")
+    if parsed.get("data.name") == "latents":
+        raise IsynthError("isynth tokenize encodes images; latents are already tokens")
+    data_cfg = apply(DataConfig(), {k.removeprefix("data."): v for k, v in parsed.items() if k.startswith("data.")},
+                     "data.")
+    tok = {k.removeprefix("tokenizer."): v for k, v in parsed.items() if k.startswith("tokenizer.")}
+    if "path" in tok and "kind" not in tok:
+        tok["kind"] = read_tokenizer_manifest(tok["path"])["kind"]
+    tokenizer_cfg = apply(TokenizerConfig(), tok, "tokenizer.")
+    dataset_ = load_dataset(data_cfg)
+    tokenizer = build_tokenizer(tokenizer_cfg, dataset_.image_shape)
+    tokenizer.check_data(dataset_.train_images)
+    m = tokenize_dataset(tokenizer, tokenizer_cfg, data_cfg, dataset_, out, shard_size, progress=not quiet)
+    click.echo(json.dumps({"out": str(out), "num_tokens": m["num_tokens"], "shards": len(m["shards"]),
+                           "seq_len": m["seq_len"], "token_dim": m["token_dim"], "moments": m["moments"],
+                           "seconds": round(sum(s["seconds"] for s in m["shards"]), 2)}))
 
 
 @cli.command()
