@@ -24,12 +24,12 @@ from isynth.files import atomic_save_tensors, atomic_write_text, read_json
 CONFIG, CHECKPOINT, LOG = "config.json", "checkpoint.safetensors", "log.jsonl"
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+def config_changes(a: dict, b: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
-            out += _diff(va, vb, f"{prefix}{k}.")
+            out += config_changes(va, vb, f"{prefix}{k}.")
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
@@ -41,7 +41,7 @@ def prepare_run_dir(out: Path, run: RunConfig) -> bool:
     cfg_path = out / CONFIG
     if cfg_path.is_file():
         saved = read_config_dict(out)
-        changes = _diff(saved, run.to_dict())
+        changes = config_changes(saved, run.to_dict())
         if changes:
             raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "
                               "use a new --out directory")

@@ -20,43 +20,18 @@ from isynth.eval.images import save_grid, save_samples
 from isynth.eval.run_eval import evaluate_run
 from isynth.export import dataset as dataset_commands
 from isynth.latents import tokenize as tokenize_dataset
-from isynth.overrides import apply, parse_overrides
+from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_overrides
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
 from isynth.report import flops_report
-from isynth.runs import cycling_labels, generate, load_trained, read_run_config
+from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, read_run_config
 from isynth.tokenizers.build import build_tokenizer
 from isynth.tokenizers.command import tokenizer as tokenizer_commands
 from isynth.tokenizers.store import read_manifest as read_tokenizer_manifest
 from isynth.trainer import train as run_training
 
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
-
-
-def _dataset_overrides(dataset: str | None) -> list[str]:
-    """--dataset digits | shapes | path/to/data.npz | folder:PATH."""
-    if dataset is None:
-        return []
-    if dataset in ("digits", "shapes"):
-        return [f"data.name={dataset}"]
-    for kind in ("folder", "latents"):
-        if dataset.startswith(f"{kind}:"):
-            return [f"data.name={kind}", f"data.path={dataset.removeprefix(kind + ':')}"]
-    if dataset.endswith(".npz"):
-        return ["data.name=npz", f"data.path={dataset}"]
-    raise IsynthError(f"unknown dataset {dataset!r}: use digits, shapes, a path to an .npz file, folder:PATH or "
-                      "latents:DIR")
-
-
-def _budget_overrides(steps: int | None, flops: float | None) -> list[str]:
-    if steps is not None and flops is not None:
-        raise IsynthError("give one budget: --steps or --flops, not both")
-    if steps is not None:
-        return [f"train.max_steps={steps}", "train.train_flops=none"]
-    if flops is not None:
-        return [f"train.train_flops={flops}", "train.max_steps=none"]
-    return []
 
 
 def _sampling(run: RunConfig, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
@@ -97,7 +72,7 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, ov
     if shuffle_pairs and paradigm != "get":
         raise IsynthError(f"--shuffle-pairs is a control for get's teacher pairs; {paradigm!r} has none")
     shuffle = ["method.shuffle_pairs=true"] if shuffle_pairs else []
-    run = make_run(paradigm, preset, [*_dataset_overrides(dataset), *_budget_overrides(steps, flops), *shuffle,
+    run = make_run(paradigm, preset, [*dataset_overrides(dataset), *budget_overrides(steps, flops), *shuffle,
                                       *overrides])
     run_training(run, out, progress=not quiet)
     if not quiet:
@@ -113,22 +88,35 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, ov
 @click.option("--cfg-scale", type=float, default=None, help="Guidance weight g (1 = no CFG).")
 @click.option("--kv-cache/--no-kv-cache", default=None, help="Incremental decoding with the KV cache.")
 @click.option("--no-ema", is_flag=True, help="Use the raw weights instead of the EMA weights.")
+@click.option("--attrs", default=None,
+              help='Only classes with these attributes, e.g. "shape=circle colour=red" (the others cycle through '
+                   'their values; digits: "class=3").')
 @OVERRIDES
-def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, overrides):
-    """Generate class-conditional samples (labels cycle through the classes) from RUN_DIR."""
+def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, overrides):
+    """Generate class-conditional samples from RUN_DIR; labels (class ids) cycle through every combination of
+    the attributes (digits: the classes), or through those that match --attrs."""
     if num_samples <= 0:
         raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
     if out.suffix != ".npz":
         raise IsynthError(f"--out must be an .npz file, got {out}")
     model, dataset, _ = load_trained(run_dir, use_ema=not no_ema)
     s = _sampling(model.run, overrides, cfg_scale, kv_cache)
-    labels = cycling_labels(num_samples, dataset.num_classes)
+    if attrs is None:
+        labels, asked = balanced_labels(num_samples, dataset.conditions), {}
+    else:
+        try:
+            fixed = parse_attrs(attrs, dataset.conditions)
+        except IsynthError as e:
+            raise IsynthError(f"--attrs: {e}") from None
+        labels = balanced_labels(num_samples, dataset.conditions, fixed)
+        asked = {"attrs": {dataset.conditions.names[k]: dataset.conditions.values[k][v] for k, v in fixed.items()}}
     images, seconds = generate(model, labels, s, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_samples(out, images, labels)
     save_grid(out.with_suffix(".png"), images[:100])
     click.echo(json.dumps({"out": str(out), "num_samples": num_samples, "images_per_s": round(num_samples / seconds, 2),
-                           "sample_flops_per_image": model.sample_flops(s), "sampling": dataclasses.asdict(s)}))
+                           "sample_flops_per_image": model.sample_flops(s), "sampling": dataclasses.asdict(s),
+                           **asked}))
 
 
 @cli.command(name="eval")
@@ -160,7 +148,7 @@ def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
 @OVERRIDES
 def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim, overrides):
     """Print parameters and training / sampling FLOPs of PARADIGM at a preset as JSON."""
-    click.echo(json.dumps(flops_report(paradigm, preset, [*_dataset_overrides(dataset), *overrides],
+    click.echo(json.dumps(flops_report(paradigm, preset, [*dataset_overrides(dataset), *overrides],
                                        seq_len, vocab_size, num_classes, token_dim), indent=2))
 
 
@@ -195,7 +183,7 @@ def pairs(teacher_run, num_pairs, out, seed, shard_size, no_ema, quiet, override
 def tokenize(dataset, out, shard_size, quiet, overrides):
     """Encode a dataset's training split once with a tokenizer (e.g. tokenizer.path=DIR); train on the cache
     with --dataset latents:OUT and the same tokenizer settings."""
-    parsed = parse_overrides([*_dataset_overrides(dataset), *overrides])
+    parsed = parse_overrides([*dataset_overrides(dataset), *overrides])
     bad = [k for k in parsed if not k.startswith(("tokenizer.", "data."))]
     if bad:
         raise IsynthError(f"isynth tokenize takes tokenizer.* and data.* settings, not {bad[0]}")
@@ -224,13 +212,19 @@ def tokenize(dataset, out, shard_size, quiet, overrides):
 @click.option("--flops", "train_flops", type=float, default=None,
               help="Training FLOPs per paradigm (default: the main job's).")
 @click.option("--num-pairs", type=int, default=None, help="Teacher pairs for get (default: 2048).")
+@click.option("--dataset", default=None,
+              help="digits (default; fixed tokenizers), or shapes, an .npz or folder:PATH: a discrete (FSQ) and a "
+                   "continuous (KL) tokenizer are trained first.")
 @click.option("--quiet", is_flag=True)
 @OVERRIDES
-def compare(out, paradigms, preset, train_flops, num_pairs, quiet, overrides):
+def compare(out, paradigms, preset, train_flops, num_pairs, dataset, quiet, overrides):
     """The main job: train every paradigm on digits at the same training FLOPs, evaluate, tabulate."""
     names = paradigms.split(",") if paradigms else None
+    data = [] if dataset in (None, "digits") else dataset_overrides(dataset)
+    if data and data[0] == "data.name=latents":
+        raise IsynthError("isynth compare trains its own tokenizers: give the images (shapes, an .npz, folder:PATH)")
     run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet,
-                num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs)
+                num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs, data=data)
 
 
 cli.add_command(dataset_commands)

@@ -3,6 +3,7 @@ everything is written to a temporary name in the destination directory and renam
 JSON the user may have edited turns any problem into one clear error."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -50,3 +51,12 @@ def read_json(path: str | os.PathLike, what: str):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise IsynthError(f"{path}: unreadable {what} ({e})") from None
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks (checkpoints and weights can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -44,6 +44,33 @@ def parse_overrides(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
+def dataset_overrides(dataset: str | None) -> list[str]:
+    """The command line's --dataset (digits | shapes | path/to/data.npz | folder:PATH | latents:DIR) as
+    `data.` overrides."""
+    if dataset is None:
+        return []
+    if dataset in ("digits", "shapes"):
+        return [f"data.name={dataset}"]
+    for kind in ("folder", "latents"):
+        if dataset.startswith(f"{kind}:"):
+            return [f"data.name={kind}", f"data.path={dataset.removeprefix(kind + ':')}"]
+    if dataset.endswith(".npz"):
+        return ["data.name=npz", f"data.path={dataset}"]
+    raise IsynthError(f"unknown dataset {dataset!r}: use digits, shapes, a path to an .npz file, folder:PATH or "
+                      "latents:DIR")
+
+
+def budget_overrides(steps: int | None, flops: float | None) -> list[str]:
+    """The command line's --steps or --flops as `train.` overrides (one replaces the other)."""
+    if steps is not None and flops is not None:
+        raise IsynthError("give one budget: --steps or --flops, not both")
+    if steps is not None:
+        return [f"train.max_steps={steps}", "train.train_flops=none"]
+    if flops is not None:
+        return [f"train.train_flops={flops}", "train.max_steps=none"]
+    return []
+
+
 def apply(obj: T, values: Mapping[str, object], prefix: str = "") -> T:
     """A copy of dataclass `obj` with `values` set, keyed by dotted name below `prefix` (e.g. "sample.").
     A str value is parsed by the field's type; any other value must already have that type. The result is

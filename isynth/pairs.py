@@ -5,14 +5,13 @@ GET distils a deterministic sampler: each pair is the initial noise and the imag
 sampler maps it to (GET used EDM's 18-step Heun sampler; here the teacher is an isynth `diffusion` run).
 
 Shard i is a pure function of (teacher checkpoint, sampler, seed, i): its noise comes from a generator
-seeded with (seed, i) and its labels cycle through the classes by global index. So a killed run resumes
-at its first missing shard, and asking for more pairs later appends shards to the same directory. Each
-shard and the manifest are written to a temporary file and renamed: never half a shard.
+seeded with (seed, i) and its labels cycle through the classes by global index (`balanced_labels`). So a
+killed run resumes at its first missing shard, and asking for more pairs later appends shards to the same
+directory. Each shard and the manifest are written to a temporary file and renamed: never half a shard.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,20 +21,12 @@ import torch
 
 from isynth.checkpoint import CHECKPOINT
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text
+from isynth.files import atomic_save_tensors, atomic_write_text, sha256_file
 from isynth.pairformat import FORMAT, MANIFEST, read_manifest, shard_name
 from isynth.paradigms.base import FromNoise
-from isynth.runs import load_trained
+from isynth.runs import balanced_labels, load_trained
 
 TEACHER_PARADIGMS = ("diffusion",)  # paradigms with a deterministic noise -> image map (`sample_from`)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _shard_noise(seed: int, index: int, shard_size: int, seq_len: int, token_dim: int) -> torch.Tensor:
@@ -60,7 +51,7 @@ def generate_pairs(teacher_dir: Path, num_pairs: int, out: Path, sampling=None, 
     s = sampling or model.run.sample
     identity = {
         "run_dir": str(teacher_dir.resolve()), "paradigm": model.run.paradigm, "step": meta["step"],
-        "train_flops": meta["train_flops"], "checkpoint_sha256": _sha256(teacher_dir / CHECKPOINT), "ema": use_ema,
+        "train_flops": meta["train_flops"], "checkpoint_sha256": sha256_file(teacher_dir / CHECKPOINT), "ema": use_ema,
         "config": model.run.to_dict(),
     }
     fresh = {
@@ -83,7 +74,7 @@ def generate_pairs(teacher_dir: Path, num_pairs: int, out: Path, sampling=None, 
         i, start = len(shards), manifest["num_pairs"]
         count = min(shard_size, num_pairs - start)
         noise = _shard_noise(seed, i, shard_size, model.seq_len, model.token_dim)[:count]
-        labels = (torch.arange(start, start + count) % dataset.num_classes).long()
+        labels = torch.from_numpy(balanced_labels(start + count, dataset.conditions)[start:])
         t0 = time.perf_counter()
         target = torch.cat([model.sample_from(noise[j:j + s.batch_size].to(dev), labels[j:j + s.batch_size].to(dev),
                                               s).cpu()

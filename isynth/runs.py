@@ -1,6 +1,7 @@
 """Loading trained runs and generating images from them (used by sample, eval and compare)."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from isynth.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, load_weights, read_config_dict
+from isynth.conditions import Conditions
 from isynth.config import RunConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import IsynthError
@@ -41,9 +43,42 @@ def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | Non
     return model.to(device or default_device()).eval(), dataset, meta
 
 
-def cycling_labels(num: int, num_classes: int) -> np.ndarray:
-    """0, 1, ..., K-1, 0, 1, ... : every class equally often (balanced labels, as FID protocols need)."""
-    return np.arange(num, dtype=np.int64) % num_classes
+def balanced_labels(num: int, conditions: Conditions, fixed: dict[int, int] | None = None) -> np.ndarray:
+    """`num` class ids cycling through every combination of the attributes not `fixed` ({attribute index:
+    value index}, which all ids keep), the first attribute fastest: with one attribute 0, 1, ..., K-1, 0, ...
+    (every class equally often, as FID protocols need); on shapes every (shape, colour) pair, the held-out ones
+    included, within the first 30 ids, and every class equally often over each cycle of 540."""
+    fixed = fixed or {}
+    free = [k for k in range(len(conditions.sizes)) if k not in fixed]
+    rest = np.arange(num, dtype=np.int64) % math.prod(conditions.sizes[k] for k in free)
+    attrs = np.zeros((num, len(conditions.sizes)), dtype=np.int64)  # (num, K)
+    for k in free:  # mixed radix, the first free attribute the fastest digit
+        attrs[:, k], rest = rest % conditions.sizes[k], rest // conditions.sizes[k]
+    for k, value in fixed.items():
+        attrs[:, k] = value
+    return conditions.class_of(attrs)
+
+
+def parse_attrs(text: str, conditions: Conditions) -> dict[int, int]:
+    """'shape=circle colour=red' -> {attribute index: value index}; IsynthError naming the first bad item
+    with the valid names."""
+    fixed: dict[int, int] = {}
+    names = ", ".join(conditions.names)
+    if not text.split():
+        raise IsynthError(f"no attributes given; want NAME=VALUE items with NAME one of {names}")
+    for item in text.split():
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise IsynthError(f"{item!r} is not NAME=VALUE (attributes: {names})")
+        if name not in conditions.names:
+            raise IsynthError(f"unknown attribute {name!r}; valid attributes: {names}")
+        k = conditions.names.index(name)
+        if k in fixed:
+            raise IsynthError(f"attribute {name!r} given twice")
+        if value not in conditions.values[k]:
+            raise IsynthError(f"unknown {name} {value!r}; valid values of {name}: {', '.join(conditions.values[k])}")
+        fixed[k] = conditions.values[k].index(value)
+    return fixed
 
 
 def generate(model: Paradigm, labels: np.ndarray, sampling=None, seed: int = 0) -> tuple[np.ndarray, float]:

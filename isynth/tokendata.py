@@ -21,7 +21,7 @@ def encode_all(tokenizer: Tokenizer, images: np.ndarray, flip: bool = False) -> 
     parts = []
     for mirrored in (False, True) if flip else (False,):
         for i in range(0, len(images), ENCODE_CHUNK):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[i:i + ENCODE_CHUNK]))  # (B, H, W, C)
+            chunk = torch.from_numpy(np.array(images[i:i + ENCODE_CHUNK]))  # (B, H, W, C); a writable copy
             parts.append(tokenizer.encode(chunk.flip(2) if mirrored else chunk).cpu())
     return torch.cat(parts)
 
@@ -70,7 +70,7 @@ class SampledLatents:
 def training_tokens(tokenizer: Tokenizer, images: np.ndarray, labels: np.ndarray, flip: bool
                     ) -> tuple[Tensor | EncodedOnDemand, Tensor]:
     """(inputs the trainer indexes by batch, labels): in memory, or encoded per batch for memory maps."""
-    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    labels_t = torch.from_numpy(np.array(labels, dtype=np.int64))  # a copy: the dataset's arrays are read-only
     if flip:
         labels_t = torch.cat([labels_t, labels_t])
     if isinstance(images, np.memmap):

@@ -96,7 +96,9 @@ def build(run: RunConfig, device: torch.device | None = None, check_data: bool =
     (compare validates GET before its teacher's pairs exist)."""
     dataset = load_dataset(run.data)
     device = device or default_device()
-    tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape).to(device)
+    with torch.device("cpu"):  # a learned tokenizer loads real weights, also where the model is built on "meta"
+        tokenizer = build_tokenizer(run.tokenizer, dataset.image_shape)
+    tokenizer = tokenizer.to(device)
     if check_data:
         tokenizer.check_data(dataset.train_images)
     model = build_paradigm(run, tokenizer, dataset.conditions).to(device)
@@ -170,7 +172,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         opt.load_state_dict(opt_state)
         start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]
     if rank == 0:  # also without a checkpoint: a kill during the first one leaves log lines to drop
-        _truncate_log(out / LOG, start_step)
+        truncate_log(out / LOG, start_step)
     if start_step >= total:
         if rank == 0 and progress:
             print(f"{out}: already trained for {total} steps")
@@ -220,7 +222,7 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         if done % cfg.ckpt_every == 0 or done == total:
             t_ckpt = time.perf_counter()
             if rank == 0:
-                _append_log(out / LOG, log_lines)
+                append_log(out / LOG, log_lines)
                 meta = {"step": done, "total_steps": total, "train_flops": flops_done, "elapsed_s": elapsed,
                         "flops_per_sample": s.flops_per_sample, "peak_flops": peak, "peak_source": peak_how,
                         "world_size": world, "device": str(device)}
@@ -233,13 +235,13 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     return out
 
 
-def _append_log(path: Path, lines: list[str]) -> None:
+def append_log(path: Path, lines: list[str]) -> None:
     if lines:
         with open(path, "a") as f:
             f.write("\n".join(lines) + "\n")
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Drop log lines past the checkpoint we resume from (they will be written again), and a line torn by
     a kill in the middle of an append."""
     if not path.exists():

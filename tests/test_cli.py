@@ -23,7 +23,8 @@ def test_train_on_user_npz(tmp_path):
     images, labels = good_arrays()
     data = write_npz(tmp_path / "mine.npz", images, labels)
     out = tmp_path / "run"
-    ok(run_cli("train", "ar", "--dataset", data, "--out", out, *TRAIN_TINY))
+    # random pixels take every grey value: 256 levels keep them (17 would quantise them, which is refused)
+    ok(run_cli("train", "ar", "--dataset", data, "--out", out, *TRAIN_TINY, "tokenizer.levels=256"))
     assert {p.name for p in out.iterdir()} == {"config.json", "checkpoint.safetensors", "log.jsonl"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["name"] == "npz" and cfg["data"]["path"] == str(data)
@@ -63,6 +64,15 @@ def test_sample_writes_npz_and_grid_and_kv_cache_is_exact(run_a, tmp_path):
     with np.load(tmp_path / "nokv.npz") as f:
         np.testing.assert_array_equal(f["arr_0"], images)
         np.testing.assert_array_equal(f["labels"], labels)
+
+
+def test_sample_attrs_on_digits(run_a, tmp_path):
+    """--attrs on a labelled dataset: its one attribute is `class` (shapes: test_shapes.py)."""
+    out = tmp_path / "threes.npz"
+    info = json.loads(ok(run_cli("sample", run_a, "--num-samples", "6", "--out", out, "--attrs", "class=3")).stdout)
+    assert info["attrs"] == {"class": "3"}
+    with np.load(out) as f:
+        assert f["labels"].tolist() == [3] * 6
 
 
 METRIC_KEYS = ["class_accuracy", "fd_digits", "precision", "recall", "memorization_rate", "nll_bits_per_token",
@@ -146,6 +156,12 @@ def test_help():
     for c, (long, short) in zip(commands, zip(results[::2], results[1::2])):
         assert "Usage: isynth" in ok(long).stdout, c
         assert ok(short).stdout == long.stdout
+
+
+def test_dataset_export_help():
+    long, short = run_many([("dataset", "export", "--help"), ("dataset", "export", "-h")])
+    assert "Usage: isynth dataset export" in ok(long).stdout and "heldout_classes" in long.stdout
+    assert ok(short).stdout == long.stdout
 
 
 def test_bare_command_shows_help():

@@ -65,6 +65,7 @@ def _npy(f: Path) -> Path:
 
 
 _npz_case("missing", lambda f: f.with_name("nope.npz"), "not found", "nope.npz")
+_npz_case("quantised-by-grey-levels", lambda f: write_npz(f, IMAGES, LABELS) and None, "tokenizer.levels=256")
 _npz_case("random-bytes", lambda f: f.write_bytes(np.random.default_rng(1).bytes(4096)) and None,
           "data.npz", "not a readable .npz")
 _npz_case("empty-file", lambda f: f.write_bytes(b"") and None, "data.npz", "not a readable .npz")

@@ -1,6 +1,8 @@
-"""Evaluation: the domain feature net (accuracy, determinism, cache), metrics on known inputs, sample files."""
+"""Evaluation: the domain feature net (accuracy, determinism, cache), metrics on known inputs, sample files.
+The attribute net on shapes and its prompt-following metrics: test_shapes.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -60,7 +62,7 @@ def test_training_is_deterministic(net, digits, tmp_path):
 
 
 def test_training_leaves_global_rng_alone(digits, tmp_path, monkeypatch):
-    monkeypatch.setattr(features, "EPOCHS", 1)  # only the RNG side effect matters here
+    monkeypatch.setattr(features, "LABELLED", dataclasses.replace(features.LABELLED, epochs=1))  # only the RNG matters
     torch.manual_seed(123)
     expected = torch.rand(3)
     torch.manual_seed(123)
@@ -87,8 +89,8 @@ def _copy_of(net, ds):
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "other_version"])
 def test_bad_cache_file_is_replaced(net, digits, tmp_path, monkeypatch, damage):
     if damage == "other_version":  # right file name, stale metadata inside
-        monkeypatch.setattr(features, "VERSION", "featurenet-test")
-    path = tmp_path / f"featurenet-{digits.name}-{features._data_hash(digits)}.safetensors"
+        monkeypatch.setattr(features, "LABELLED", dataclasses.replace(features.LABELLED, version="featurenet-test"))
+    path = features.cache_path(digits, tmp_path)
     good = net.cache_path.read_bytes()
     path.write_bytes({"garbage": b"not a safetensors file", "truncated": good[:200], "other_version": good}[damage])
     calls = []
@@ -99,9 +101,11 @@ def test_bad_cache_file_is_replaced(net, digits, tmp_path, monkeypatch, damage):
 
 
 def test_different_data_gets_a_different_net_file(digits):
-    flipped = type(digits)(digits.name, digits.train_images[:, ::-1].copy(), digits.train_labels,
-                           digits.eval_images, digits.eval_labels, digits.num_classes)
+    flipped = dataclasses.replace(digits, train_images=digits.train_images[:, ::-1].copy())
     assert features._data_hash(flipped) != features._data_hash(digits)
+    # the held-out split is not in the key: the net's accuracy on it is measured on every load
+    assert features._data_hash(dataclasses.replace(digits, eval_images=digits.eval_images[::-1])) == \
+        features._data_hash(digits)
 
 
 # --- metrics ---------------------------------------------------------------------------------------
@@ -116,6 +120,23 @@ def test_real_eval_split_scores_like_real_data(net, digits):
     assert m["inception_score"] > 8  # ten near-uniform, confidently classified classes
     assert m["memorization_rate"] == 0.0 and m["mean_nn_distance"] > 0
     assert m["num_samples"] == len(digits.eval_images)
+    assert not any(k.startswith(("attr_", "heldout_", "attribute_net")) for k in m)  # one attribute: class only
+
+
+# Measured before the feature net became an attribute net (one head per attribute): digits' must not move.
+DIGITS_BEFORE = {"eval": {"class_accuracy": 355 / 359, "fd_train_vs_eval": 6.891722202301025,
+                          "inception_score": 9.020986899165962, "mean_nn_distance": 1.0479231364862658},
+                 "noise": {"class_accuracy": 35 / 300, "fd": 477.99761962890625, "precision": 1 / 300,
+                           "inception_score": 2.5049351592243316, "mean_nn_distance": 3.5653435445080968}}
+
+
+def test_digits_metrics_are_unchanged(net, digits, noise):
+    # Exact on the machine they were measured on; a CPU with other float kernels may move the last digits.
+    assert net.eval_accuracy == 355 / 359
+    for name, (images, labels) in {"eval": (digits.eval_images, digits.eval_labels), "noise": noise}.items():
+        m = evaluate_samples(images, labels, digits, net)
+        for key, before in DIGITS_BEFORE[name].items():
+            assert m[key] == pytest.approx(before, rel=1e-4, abs=1e-6), (name, key)
 
 
 def test_training_images_are_memorised(net, digits):

@@ -50,6 +50,15 @@ def isynth_executable() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "isynth"]
 
 
+def run_line(exe: list[str], cmd: str, cwd) -> subprocess.CompletedProcess:
+    """Run one README line (with `isynth` replaced by `exe`) and assert that it succeeded without a traceback."""
+    result = subprocess.run([*exe, *shlex.split(cmd)[1:]], cwd=cwd, env=ENV, capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
+    assert result.returncode == 0, f"{cmd}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, f"{cmd}\n{result.stderr}"
+    return result
+
+
 def tiny(command: str) -> str:
     """The README command at a tiny budget."""
     words = shlex.split(command)
@@ -87,10 +96,7 @@ def test_command_line_block_runs_at_tiny_budget(tmp_path):
     outputs = []
     for line in lines:
         cmd = tiny(line)
-        result = subprocess.run([*exe, *shlex.split(cmd)[1:]], cwd=tmp_path, env=ENV, capture_output=True,
-                                text=True, timeout=TIMEOUT_S)
-        assert result.returncode == 0, f"{cmd}\nexit {result.returncode}\n{result.stdout}\n{result.stderr}"
-        assert "Traceback" not in result.stderr, f"{cmd}\n{result.stderr}"
+        result = run_line(exe, cmd, tmp_path)
         outputs.append(result.stdout)
         if shlex.split(cmd)[1] == "train":  # "re-running resumes": a finished run is left as it is
             ckpt = (tmp_path / "runs" / "rar" / "checkpoint.safetensors").read_bytes()
@@ -136,6 +142,52 @@ def test_override_example_is_valid(tmp_path):
     cfg = json.loads((tmp_path / "runs" / "x" / "config.json").read_text())
     assert cfg["model"]["width"] == 64 and cfg["method"]["order"] == "random"
     assert cfg["sample"]["guidance"]["scale"] == 3
+
+
+# --- Data and tokenizers ----------------------------------------------------------------------------
+
+SMALL_SHAPES = "data.num_images=600"
+
+
+def tiny_data(command: str) -> str:
+    """A `## Data and tokenizers` command at a tiny budget on a small shapes set."""
+    words = shlex.split(command)
+    sub = words[1]
+    if sub == "tokenizer":
+        return command + " --preset tiny --quiet"
+    if sub == "train":
+        return re.sub(r"--flops\s+\S+", "--preset tiny --steps 2 --quiet", command) + (
+            "" if "latents:" in command else f" {SMALL_SHAPES}")
+    if sub == "eval":
+        return command + " --num-samples 54"  # every (shape, colour) pair, the held-out ones too
+    if sub == "tokenize":
+        return command + f" --quiet {SMALL_SHAPES}"
+    if sub == "compare":
+        return command + (" --preset tiny --flops 2e9 --paradigms ar,mar --quiet train.eval_num_samples=54 "
+                          + SMALL_SHAPES)
+    return command
+
+
+def test_data_and_tokenizers_block_runs_at_tiny_budget(tmp_path):
+    lines = [c for c in commands(fenced(section("Data and tokenizers"), "bash")) if c.startswith("isynth ")]
+    exe = isynth_executable()
+    out = {}
+    for line in lines:
+        cmd = tiny_data(line)
+        result = run_line(exe, cmd, tmp_path)
+        out[shlex.split(cmd)[1]] = result.stdout
+    runs = tmp_path / "runs"
+    with np.load(runs / "shapes.npz") as f:
+        assert f["arr_0"].shape == (2000, 32, 32, 3) and f["class_attrs"].shape == (540, 4)
+    for kind in ("fsq", "kl"):
+        assert (runs / f"tok-{kind}" / "tokenizer.json").is_file()
+    metrics = json.loads((runs / "shapes-ar" / "metrics.json").read_text())
+    assert metrics["heldout_class_accuracy"] is not None and "attr_accuracy_colour" in metrics
+    with np.load(runs / "circles.npz") as f:
+        assert set(f["labels"].tolist()) <= {i for i in range(540) if i // 108 == 0 and (i // 18) % 6 == 1}
+    assert (runs / "shapes-mar" / "checkpoint.safetensors").is_file()
+    rows = json.loads((runs / "compare-shapes" / "results.json").read_text())["rows"]
+    assert [r["paradigm"] for r in rows] == ["ar", "ar", "mar", "mar"]
 
 
 # --- Python API -------------------------------------------------------------------------------------

@@ -13,18 +13,19 @@ from isynth.eval.images import save_grid, save_samples
 from isynth.eval.metrics import evaluate_samples
 from isynth.files import atomic_write_text
 from isynth.paradigms.base import Paradigm
-from isynth.runs import cycling_labels, generate, load_trained
+from isynth.runs import balanced_labels, generate, load_trained
 
 METRICS = "metrics.json"
+GRID_MAX = 540  # tiles in samples.png: ten per class for digits, every class once for shapes
 
 
 @torch.no_grad()
 def heldout_nll(model: Paradigm, images: np.ndarray, labels: np.ndarray, batch: int = 256) -> float | None:
     """Mean NLL in bits per token over the held-out split, or None where the paradigm has none."""
     total, count = 0.0, 0
-    for i in range(0, len(labels), batch):
-        tokens = model.tokenizer.encode(torch.from_numpy(images[i:i + batch])).to(model.device)
-        bits = model.nll_bits_per_token(tokens, torch.from_numpy(labels[i:i + batch]).to(model.device))
+    for i in range(0, len(labels), batch):  # np.array: writable copies (shapes' splits are read-only)
+        tokens = model.tokenizer.encode(torch.from_numpy(np.array(images[i:i + batch]))).to(model.device)
+        bits = model.nll_bits_per_token(tokens, torch.from_numpy(np.array(labels[i:i + batch])).to(model.device))
         if bits is None:
             return None
         total, count = total + bits.sum().item(), count + bits.numel()
@@ -37,11 +38,13 @@ def evaluate_run(run_dir: Path, num_samples: int | None = None, sampling=None, s
     model, dataset, meta = load_trained(run_dir, use_ema=use_ema)
     s = sampling or model.run.sample
     n = num_samples or model.run.train.eval_num_samples
-    labels = cycling_labels(n, dataset.num_classes)
+    # Every class equally often (each cycle of num_classes holds each once), and on shapes every (shape,
+    # colour) pair within any 30 samples, so held-out combinations are always asked for.
+    labels = balanced_labels(n, dataset.conditions)
     generate(model, labels[: min(8, n)], s, seed=seed)  # warm-up, so the timing below is steady state
     images, seconds = generate(model, labels, s, seed=seed)
     save_samples(run_dir / "samples.npz", images, labels)
-    save_grid(run_dir / "samples.png", images[: 10 * dataset.num_classes])
+    save_grid(run_dir / "samples.png", images[: min(10 * dataset.num_classes, GRID_MAX)])
     scores = evaluate_samples(images, labels, dataset, get_feature_net(dataset))
     fd = scores.pop("fd")
     result = {
