@@ -24,7 +24,7 @@ from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_o
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
-from isynth.report import flops_report
+from isynth.flopsreport import flops_report
 from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, read_run_config
 from isynth.tokenizers.build import build_tokenizer
 from isynth.tokenizers.command import tokenizer as tokenizer_commands

@@ -9,7 +9,7 @@ from isynth.errors import IsynthError
 from isynth.overrides import RENAMED, apply, parse_overrides
 from isynth.paradigms import PARADIGMS, run_from_dict
 from isynth.presets import PRESETS, make_run
-from isynth.report import flops_report
+from isynth.flopsreport import flops_report
 
 
 def test_configs_are_frozen():
