@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup compare test bench clean
+.PHONY: setup compare test bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,7 +25,14 @@ setup: $(STAMP)
 compare: $(STAMP)  ## the main job: every paradigm on digits at equal training FLOPs
 	$(VENV)/bin/isynth compare --out runs/compare
 
-test: $(STAMP)
+# Debian's chromium for the report's browser test (as root, where apt-get exists; else the test is skipped,
+# or fails under CI=1).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null && \
+		  apt-get install -y -q chromium >/dev/null; }; }; } || echo "chromium not installed: the browser test will skip"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)  ## CPU benchmarks of BENCHMARKS.md (the sweeps read the main job's runs)

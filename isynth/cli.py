@@ -19,13 +19,16 @@ from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
 from isynth.eval.run_eval import evaluate_run
 from isynth.export import dataset as dataset_commands
+from isynth.flopsreport import flops_report
 from isynth.latents import tokenize as tokenize_dataset
 from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_overrides
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
-from isynth.flopsreport import flops_report
 from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, read_run_config
+from isynth.sweepcommand import command_line
+from isynth.sweepcommand import report as report_command
+from isynth.sweepcommand import sweep as sweep_command
 from isynth.tokenizers.build import build_tokenizer
 from isynth.tokenizers.command import tokenizer as tokenizer_commands
 from isynth.tokenizers.store import read_manifest as read_tokenizer_manifest
@@ -215,19 +218,24 @@ def tokenize(dataset, out, shard_size, quiet, overrides):
 @click.option("--dataset", default=None,
               help="digits (default; fixed tokenizers), or shapes, an .npz or folder:PATH: a discrete (FSQ) and a "
                    "continuous (KL) tokenizer are trained first.")
+@click.option("--seeds", type=int, default=1, show_default=True,
+              help="Train each paradigm with this many seeds; the table shows mean and 95% CI.")
 @click.option("--quiet", is_flag=True)
 @OVERRIDES
-def compare(out, paradigms, preset, train_flops, num_pairs, dataset, quiet, overrides):
+def compare(out, paradigms, preset, train_flops, num_pairs, dataset, seeds, quiet, overrides):
     """The main job: train every paradigm on digits at the same training FLOPs, evaluate, tabulate."""
     names = paradigms.split(",") if paradigms else None
     data = [] if dataset in (None, "digits") else dataset_overrides(dataset)
     if data and data[0] == "data.name=latents":
         raise IsynthError("isynth compare trains its own tokenizers: give the images (shapes, an .npz, folder:PATH)")
     run_compare(out, names, preset, train_flops, list(overrides), progress=not quiet,
-                num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs, data=data)
+                num_pairs=DEFAULT_NUM_PAIRS if num_pairs is None else num_pairs, data=data, seeds=seeds,
+                command=command_line())
 
 
 cli.add_command(dataset_commands)
+cli.add_command(sweep_command)
+cli.add_command(report_command)
 cli.add_command(tokenizer_commands)
 
 # click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.

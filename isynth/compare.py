@@ -12,16 +12,18 @@ from pathlib import Path
 import click
 import torch
 
+from isynth import stats
 from isynth.errors import IsynthError
-from isynth.eval.run_eval import evaluate_run
 from isynth.files import atomic_write_text
 from isynth.overrides import apply
-from isynth.pairs import generate_pairs
 from isynth.paradigms import PARADIGMS
 from isynth.presets import make_run
+from isynth.report import environment
+from isynth.studyreport import build_report, mean_ci
+from isynth.sweep import fd_key, samplings, teacher_pairs, train_and_evaluate
 from isynth.tokenizers.train import train_tokenizer
 from isynth.tokenizers.trainconfig import make_config
-from isynth.trainer import build, train
+from isynth.trainer import build
 
 # Training FLOPs per paradigm in the default main job: ~280 steps of `ar` at batch 64, ~45-55 s per paradigm
 # on 2 cores, so all eight paradigms, their evaluations and GET's pairs fit in 10 minutes (BENCHMARKS.md).
@@ -59,28 +61,6 @@ PAIRS_DIR, TEACHER = "get-pairs", "diffusion"
 DEFAULT_NUM_PAIRS = 2048
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
-    return out
-
-
-def short_sampling(s: dict) -> str:
-    """The sampling settings that matter for a row, as `field=value` by dotted name: settings that do nothing
-    (no filtering, the whole guidance interval, guidance details without guidance) are left out."""
-    flat = _flat(s)
-    inert = {"batch_size": flat.get("batch_size"), "head.top_k": 0, "head.top_p": 1.0,
-             "guidance.t_min": 0.0, "guidance.t_max": 1.0}
-    if flat.get("guidance.schedule") != "pow-cosine":
-        inert["guidance.pow"] = flat.get("guidance.pow")
-    if flat.get("guidance.scale") == 1.0:
-        inert |= {k: v for k, v in flat.items() if k.startswith("guidance.") and k != "guidance.scale"}
-    if flat.get("head.sampler") != "dpm++":
-        inert["head.order"] = flat.get("head.order")
-    return " ".join(f"{k}={v}" for k, v in flat.items() if k not in inert or inert[k] != v)
-
-
 def table(rows: list[dict], data: str = "digits") -> str:
     lines = ["| " + " | ".join(h.format(data=data) for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for r in rows:
@@ -92,13 +72,32 @@ def table(rows: list[dict], data: str = "digits") -> str:
     return "\n".join(lines)
 
 
+SEED_COLUMNS = (("class acc", "class_accuracy"), ("held-out acc", "heldout_class_accuracy"), ("FD-{data}", "fd"),
+                ("precision", "precision"), ("recall", "recall"), ("NLL bits/tok", "nll_bits_per_token"),
+                ("sample FLOPs/img", "sample_flops_per_image"), ("images/s", "images_per_s"))
+
+
+def seed_table(rows: list[dict], data: str) -> str:
+    """The compare table over several seeds: mean ± half-width of the 95% interval, per paradigm and sampler."""
+    groups = stats.aggregate(rows)
+    cols = [(h, k) for h, k in SEED_COLUMNS if any(g.get(k) for g in groups)]
+    lines = ["| paradigm | sampling | seeds | " + " | ".join(h.format(data=data) for h, _ in cols) + " |",
+             "|" + "---|" * (len(cols) + 3)]
+    for g in groups:
+        seeds = ",".join(map(str, g["seeds"]))
+        cells = [mean_ci(g.get(k)) for _, k in cols]
+        lines.append(f"| {g['paradigm']} | {g['sampling_short']} | {seeds} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: float | None,
                 overrides: list[str], progress: bool = True, num_pairs: int = DEFAULT_NUM_PAIRS,
-                data: list[str] = ()) -> list[dict]:
+                data: list[str] = (), seeds: int = 1, command: str = "") -> list[dict]:
     """Train and evaluate `names` (default: every paradigm) at one budget. `data` are `data.` settings of
     another dataset than digits: then a discrete and a continuous tokenizer are trained first (FSQ and KL, at
     the tokenizer preset `cpu`, or `tiny` with the tiny preset) and each paradigm takes the one of its token
-    family."""
+    family. With `seeds` > 1 every paradigm is trained with `train.seed` 0..seeds-1 (seed k > 0 under
+    `out/seed{k}/`) and the table shows the mean and 95% confidence interval over seeds."""
     names = names or list(PARADIGMS)
     unknown = [n for n in names if n not in PARADIGMS]
     if unknown:
@@ -107,19 +106,21 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
         raise IsynthError(f"get distils the {TEACHER} run's sampler: include {TEACHER} in --paradigms")
     if num_pairs < 1:
         raise IsynthError(f"--num-pairs must be >= 1, got {num_pairs}")
+    if not 1 <= seeds <= 100:
+        raise IsynthError(f"--seeds must be between 1 and 100, got {seeds}")
     names = sorted(names, key=list(PARADIGMS).index)  # the teacher trains before its student
     budget = DEFAULT_TRAIN_FLOPS if train_flops is None else train_flops
     if not (budget > 0 and math.isfinite(budget)):
         raise IsynthError(f"--flops must be a finite number > 0, got {budget}")
     budget_args = [f"train.train_flops={budget}", "train.max_steps=none"]
     out = Path(out)
-    pairs_dir = out.resolve() / PAIRS_DIR
     learned = {n: LEARNED[PARADIGMS[n].default_tokenizer.discrete] for n in names} if data else {}
     tok_dirs = {kind: out.resolve() / f"tokenizer-{kind}" for kind in set(learned.values())}
     # shapes: two samples of each of its 540 classes (unless the overrides say otherwise)
     per_class = ["train.eval_num_samples=1080"] if "data.name=shapes" in data else []
+    pairs = [f"method.pairs={out.resolve() / PAIRS_DIR}"]
     runs = {n: make_run(n, preset, [*data, *per_class, *_tokenizer_args(learned.get(n), tok_dirs), *overrides,
-                                    *budget_args, *([f"method.pairs={pairs_dir}"] if n == "get" else [])])
+                                    *budget_args, *(pairs if n == "get" else [])])
             for n in names}  # validate all before any work
     tok_preset = "tiny" if preset == "tiny" else "cpu"  # the tokenizer presets: seconds (tests) or minutes
     tok_data = [*data, *(o for o in overrides if o.startswith("data."))]
@@ -136,39 +137,32 @@ def run_compare(out: Path, names: list[str] | None, preset: str, train_flops: fl
                        f"({time.perf_counter() - t0:.0f} s)", err=True)
     if tok_dirs:
         _dry_build(runs)
-    for name, run in runs.items():
-        extra = _teacher_pairs(out, pairs_dir, num_pairs, progress) if name == "get" else {}
-        t0 = time.perf_counter()
-        train(run, out / name, progress=progress)
-        train_wall = time.perf_counter() - t0
-        # Without guidance first, then as configured (its samples and metrics.json stay in the run dir).
-        guided = PARADIGMS[name].guided and run.sample.guidance.on  # GET has no guidance
-        variants = [apply(run.sample, {"guidance.scale": 1.0}, "sample.")] if guided else []
-        for sampling in variants + [run.sample]:
-            t1 = time.perf_counter()
-            row = evaluate_run(out / name, sampling=sampling)
-            row.update(train_wall_s=train_wall, eval_wall_s=time.perf_counter() - t1, fd=row[_fd_key(row)],
-                       sampling_short=short_sampling(row["sampling"]), **extra)
-            rows.append(row)
-            if progress:
-                click.echo(f"{name} ({row['sampling_short']}): class acc {row['class_accuracy']:.3f}, "
-                           f"FD {row['fd']:.2f}", err=True)
-    summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides,
-               "wall_s": time.perf_counter() - t_start, "rows": rows}
+    for seed in range(seeds):
+        base = out if seed == 0 else out / f"seed{seed}"
+        for name, run in runs.items():
+            run = apply(run, {"train.seed": seed} | ({"method.pairs": str(base.resolve() / PAIRS_DIR)}
+                                                      if name == "get" else {}))
+            extra = teacher_pairs(base / TEACHER, base / PAIRS_DIR, num_pairs, progress) if name == "get" else {}
+            # Without guidance first, then as configured (its samples and metrics.json stay in the run dir).
+            for row in train_and_evaluate(run, base / name, samplings(run), seed=seed, extra=extra,
+                                          progress=progress):
+                row.update(size=preset, budget=budget, seed=seed, axes={}, run_dir=str((base / name).relative_to(out)))
+                rows.append(row)
+                if progress:
+                    click.echo(f"{name} seed {seed} ({row['sampling_short']}): class acc "
+                               f"{row['class_accuracy']:.3f}, FD {row['fd']:.2f}", err=True)
+    summary = {"train_flops_budget": budget, "preset": preset, "overrides": overrides, "command": command,
+               "environment": environment(), "wall_s": time.perf_counter() - t_start, "rows": rows}
     atomic_write_text(out / "results.json", json.dumps(summary, indent=2) + "\n")
-    data_name = _fd_key(rows[0]).removeprefix("fd_")
-    md = table(rows, data_name)
+    data_name = fd_key(rows[0]).removeprefix("fd_")
+    md = table(rows, data_name) if seeds == 1 else seed_table(rows, data_name)
     atomic_write_text(out / "results.md", f"# isynth compare ({data_name}, {preset}, {budget:.2e} training FLOPs "
                       f"each)\n\n{md}\n\n"
                       + "".join(f"![{n}]({n}/samples.png)\n" for n in runs))
+    report = build_report(out)
     click.echo(md)
-    click.echo(f"\nwall time {summary['wall_s']:.0f} s; table, samples and grids in {out}")
+    click.echo(f"\nwall time {summary['wall_s']:.0f} s; table, samples and grids in {out}; report: {report}")
     return rows
-
-
-def _fd_key(row: dict) -> str:
-    """The key of the row's Fréchet distance, named after the dataset (`fd_digits`, `fd_shapes`, ...)."""
-    return next(k for k in row if k.startswith("fd_") and k != "fd_train_vs_eval")
 
 
 def _tokenizer_args(kind: str | None, dirs: dict[str, Path]) -> list[str]:
@@ -182,13 +176,3 @@ def _dry_build(runs: dict) -> None:
     for name, run in runs.items():
         with torch.device("meta"):
             build(run, torch.device("meta"), check_data=name != "get")  # get's pairs come later
-
-
-def _teacher_pairs(out: Path, pairs_dir: Path, num_pairs: int, progress: bool) -> dict:
-    """Generate (or resume) get's pairs from the teacher run; the teacher's training and the pairs' sampling
-    are get's cost too (shown in their own columns)."""
-    t0 = time.perf_counter()
-    m = generate_pairs(out / TEACHER, num_pairs, pairs_dir, progress=progress)
-    return {"teacher_train_flops": m["teacher"]["train_flops"],
-            "pair_flops": m["num_pairs"] * m["teacher_sample_flops_per_pair"], "num_pairs": m["num_pairs"],
-            "pairs_wall_s": time.perf_counter() - t0}

@@ -77,6 +77,24 @@ def cpu(p: type[Paradigm], discrete: bool) -> Settings:
     return s
 
 
+# Smaller sizes of the `cpu` recipe, for sweeps over model size at laptop budgets (isynth sweep --preset
+# tradeoffs): width, depth, heads; the diffusion head takes the backbone's width.
+_CPU_SIZES = {"cpu-xs": (32, 2, 2), "cpu-s": (64, 3, 2)}
+
+
+def _cpu_size(name: str) -> Preset:
+    width, depth, heads = _CPU_SIZES[name]
+
+    def preset(p: type[Paradigm], discrete: bool) -> Settings:
+        s = cpu(p, discrete) | _section("model", width=width, depth=depth, num_heads=heads)
+        if _uses_head(p, discrete):
+            s["method.head.width"] = width
+        return s
+
+    preset.__doc__ = f"The cpu recipe at {depth} blocks of width {width} (sweeps over size)."
+    return preset
+
+
 # --- paper sizes ---------------------------------------------------------------------------------------
 
 # RAR (Yu et al. 2024) Table 1 sizes; Table 6 recipe: adaLN + qk-norm, dropout 0.1, AdamW 4e-4, wd 0.03,
@@ -227,6 +245,7 @@ def _get_size(name: str) -> Preset:
 
 
 PRESETS: dict[str, Preset] = {"tiny": tiny, "cpu": cpu}
+PRESETS.update({name: _cpu_size(name) for name in _CPU_SIZES})
 PRESETS.update({name: _rar_size(name) for name in _RAR_SIZES})
 PRESETS.update({name: _mar_size(name) for name in _MAR_SIZES})
 PRESETS.update({name: _emigm_size(name) for name in _EMIGM_SIZES})

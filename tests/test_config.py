@@ -6,10 +6,10 @@ import pytest
 
 from isynth.config import ModelConfig, TrainConfig
 from isynth.errors import IsynthError
+from isynth.flopsreport import flops_report
 from isynth.overrides import RENAMED, apply, parse_overrides
 from isynth.paradigms import PARADIGMS, run_from_dict
 from isynth.presets import PRESETS, make_run
-from isynth.flopsreport import flops_report
 
 
 def test_configs_are_frozen():

@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 from clitools import ENV, TIMEOUT_S
 
+from isynth.cli import cli
 from isynth.paradigms import PARADIGMS
+from isynth.sweepcommand import build_grid
+from isynth.sweepgrid import parse_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -202,3 +205,22 @@ def test_python_api_block(tmp_path):
     assert result.stdout.strip(), "the block prints FLOPs and the image shape"
     assert "(20, 8, 8, 1)" in result.stdout
     assert (tmp_path / "runs" / "api-demo" / "checkpoint.safetensors").is_file()
+
+
+def test_sweep_block_is_valid_command_lines():
+    """Every line of the sweeps section parses with the real command (options, presets, shard specs and
+    axes), without training: the sweep tests run the same commands at a tiny budget."""
+    lines = [c.rstrip("&").strip() for c in commands(fenced(section("Sweeps, confidence and reports"), "bash"))]
+    assert [shlex.split(c)[1] for c in lines] == ["compare", "sweep", "sweep", "sweep", "sweep", "report"]
+    for line in lines:
+        words = shlex.split(line)[1:]
+        ctx = cli.make_context("isynth", list(words), resilient_parsing=False)
+        sub = cli.get_command(ctx, words[0])
+        sub_ctx = sub.make_context(words[0], words[1:])
+        if words[0] == "sweep":
+            p = dict(sub_ctx.params)
+            options = {k: p[k] for k in ("paradigms", "sizes", "seeds", "axis", "variant", "num_samples",
+                                         "num_pairs", "dataset")} | {"flops": p["flops"] or "1e12"}
+            grid = build_grid(Path("/nonexistent"), p["preset"], p["file"], options, p["overrides"])
+            assert grid.cells()
+            parse_shard(p["shard"])
