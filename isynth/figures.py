@@ -182,8 +182,9 @@ def quality_vs_inference(aggregated: Iterable[dict], metric: str, stem: str | Pa
         for p in fr["points"]:
             xerr = [[max(p["cost"] - p["cost_ci"][0], 0.0)], [max(p["cost_ci"][1] - p["cost"], 0.0)]]
             h = ax.errorbar([p["cost"]], [p["quality"]], xerr=xerr, yerr=_yerr({**p, "mean": p["quality"]}),
-                            ms=6, capsize=3, **style.look(p),
-                            mec="black" if p["on_front"] else None, mew=1.0 if p["on_front"] else 0.0)
+                            ms=6, capsize=3, **style.look(p),  # on the front: a black edge
+                            mec="black" if p["on_front"] else style.colour(p["paradigm"]),
+                            mew=1.5 if p["on_front"] else 1.0)
             handles.setdefault(p["label"], h)
         front = sorted((fr["points"][i] for i in fr["front"]), key=lambda p: p["cost"])
         if front:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from isynth import figures, stats
 from isynth.errors import IsynthError
-from isynth.files import read_json
+from isynth.files import atomic_write_text, read_json
 from isynth.report import ReportData, environment, write_report
 from isynth.sweep import GRID_FILE, RESULTS, collect
 
@@ -91,6 +91,32 @@ def _ranking_table(rows: list[dict], metric: str) -> tuple[tuple, list[str]]:
     return (caption, header, body), findings
 
 
+def pairwise(rows: list[dict], metric: str) -> dict:
+    """P(A beats B) by bootstrap over seeds, for every ordered pair of paradigms at each (size, budget),
+    configured samplers: {"size budget": {A: {B: p}}}."""
+    higher = METRICS[metric]
+    out: dict = {}
+    cells: dict[tuple, dict[str, list]] = {}
+    for r in rows:
+        if r.get("configured", True) and r.get(metric) is not None:
+            cells.setdefault((r["size"], r["budget"]), {}).setdefault(r["paradigm"], []).append(r[metric])
+    for (size, budget), by in cells.items():
+        out[f"{size} {budget:.3g}"] = {a: {b: stats.prob_beats(va, vb, higher) for b, vb in by.items() if b != a}
+                                       for a, va in by.items()}
+    return out
+
+
+def _pairwise_tables(matrices: dict, metric: str, keep: list[str]) -> list[tuple]:
+    tables = []
+    for key in keep:
+        m = matrices[key]
+        names = list(m)
+        body = [[a, *("—" if a == b else f"{m[a][b]:.2f}" for b in names)] for a in names]
+        tables.append((f"P(row beats column) by {stats.LABELS.get(metric, metric)} at {key} training FLOPs "
+                       "(bootstrap over seeds; every (size, budget) in pairwise.json)", ["", *names], body))
+    return tables
+
+
 def _fit_table(all_fits: list[dict]) -> tuple[str, list[str], list[list[str]]]:
     header = ["metric", "paradigm", "size", "sampling", "slope per decade of training FLOPs", "95% CI", "R²", "n",
               "note"]
@@ -151,6 +177,15 @@ def build_report(out: Path) -> Path:
         table, found = _ranking_table(rows, metric)
         tables.append(table)
         findings.extend(found)
+    matrices = {m: pairwise(rows, m) for m in ("fd", "class_accuracy")}
+    atomic_write_text(out / "pairwise.json", json.dumps(matrices, indent=2) + "\n")
+    for m, by in matrices.items():  # shown: the largest budget of each size
+        largest = {}
+        for key in by:
+            size, budget = key.rsplit(" ", 1)
+            if float(budget) >= largest.get(size, (-1.0, ""))[0]:
+                largest[size] = (float(budget), key)
+        tables += _pairwise_tables(by, m, [k for _, k in largest.values()])
     if len({r["size"] for r in rows}) > 1:
         tables.append(_optimal_table(optimal))
     seeds = sorted({r["seed"] for r in rows})

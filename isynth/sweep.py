@@ -26,7 +26,8 @@ from isynth.sweepgrid import STUDENT, Cell, Grid, grid_differences, read_grid, s
 from isynth.trainer import build, train
 
 GRID_FILE, CELLS, PAIRS, ROWS = "sweep.json", "cells", "pairs", "rows.json"
-RESULTS, COMMANDS = "results.json", "commands.json"
+RESULTS, COMMANDS = "results.json", "commands.jsonl"
+_ENTRIES = {GRID_FILE, CELLS, PAIRS, RESULTS, COMMANDS, "figures", "report.html"}  # what a sweep directory holds
 
 
 def fd_key(row: dict) -> str:
@@ -127,16 +128,17 @@ def check_grid(grid: Grid, out: Path) -> dict[Cell, object]:
 def open_sweep(grid: Grid, out: Path) -> None:
     """Create `out` with its grid, or check that an existing sweep directory holds the same grid."""
     path = out / GRID_FILE
-    if path.exists():
-        old = read_grid(path)
-        if old != grid:
-            diff = "; ".join(grid_differences(old, grid))
-            raise IsynthError(f"{out} holds a sweep of another grid ({diff}): use another --out, or the same grid")
-        return
-    if out.exists() and any(out.iterdir()):
-        raise IsynthError(f"{out} exists and is not a sweep directory (no {GRID_FILE}): use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(grid.to_json(), indent=2) + "\n")
+    if not path.exists():
+        # Shards started together may both get here: they write the same grid, atomically. Hidden entries
+        # are the temporary files of atomic writes.
+        if out.exists() and any(p.name not in _ENTRIES and not p.name.startswith(".") for p in out.iterdir()):
+            raise IsynthError(f"{out} exists and is not a sweep directory (no {GRID_FILE}): use another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(grid.to_json(), indent=2) + "\n")
+    old = read_grid(path)
+    if old != grid:
+        diff = "; ".join(grid_differences(old, grid))
+        raise IsynthError(f"{out} holds a sweep of another grid ({diff}): use another --out, or the same grid")
 
 
 def run_cell(grid: Grid, cell: Cell, run, out: Path) -> list[dict]:
@@ -162,9 +164,9 @@ def run_sweep(grid: Grid, out: Path, shard: tuple[int, int] = (0, 1), progress: 
     out = Path(out)
     runs = check_grid(grid, out)
     open_sweep(grid, out)
-    if command:  # every invocation (shards, resumptions), for the report
-        previous = read_json(out / COMMANDS, "sweep commands") if (out / COMMANDS).exists() else []
-        atomic_write_text(out / COMMANDS, json.dumps([*previous, command], indent=2) + "\n")
+    if command:  # every invocation (shards, resumptions), for the report; one appended line each, so that
+        with open(out / COMMANDS, "a") as f:  # shards writing at the same time lose nothing
+            f.write(json.dumps(command) + "\n")
     mine = shard_cells(grid.cells(), shard)
     bar = tqdm(total=len(mine), desc=f"sweep {shard[0]}/{shard[1]}", unit="cell", disable=not progress,
                dynamic_ncols=True)
@@ -201,7 +203,8 @@ def collect(out: Path, grid: Grid | None = None) -> dict:
             rows.extend(read_json(path, "cell rows"))
         else:
             missing.append(cell.name)
-    commands = read_json(out / COMMANDS, "sweep commands") if (out / COMMANDS).exists() else []
+    commands = [json.loads(line) for line in (out / COMMANDS).read_text().splitlines() if line.strip()] \
+        if (out / COMMANDS).exists() else []
     summary = {"grid": grid.to_json(), "cells_total": len(cells), "cells_done": len(cells) - len(missing),
                "missing": missing, "commands": commands, "environment": environment(), "rows": rows}
     atomic_write_text(out / RESULTS, json.dumps(summary, indent=2) + "\n")

@@ -17,7 +17,7 @@ _VARIANTS = (("maskgit", ("num_steps=4", "num_steps=16")), ("mdm", ("num_steps=4
 
 SWEEPS: dict[str, Grid] = {
     "tradeoffs": Grid(paradigms=ALL, sizes=(Size("cpu-xs", "cpu-xs"), Size("cpu-s", "cpu-s"), Size("cpu", "cpu")),
-                      budgets=(2e11, 5e11, 1e12, 2e12), seeds=(0, 1, 2), variants=_VARIANTS,
+                      budgets=(1.5e11, 3e11, 6e11, 1.5e12), seeds=(0, 1, 2), variants=_VARIANTS,
                       num_samples=500, num_pairs=512),
     "tradeoffs-gpu": Grid(paradigms=ALL, sizes=(Size("get-t", "get-t"), Size("get-m", "get-m"),
                                                 Size("get-s", "get-s")),

@@ -55,14 +55,18 @@ def test_a_sweep_writes_every_cell_and_a_report(reference):
     for name in ("fd_vs_training", "fd_vs_sample_flops", "fd_vs_images_per_s", "samples"):
         assert (reference / "figures" / f"{name}.png").stat().st_size > 1000
         assert (reference / "figures" / f"{name}.svg").exists()
-    assert json.loads((reference / "commands.json").read_text())[0].startswith("isynth sweep --out")
+    commands = [json.loads(line) for line in (reference / "commands.jsonl").read_text().splitlines()]
+    assert len(commands) == 1 and commands[0].startswith("isynth sweep --out")
 
 
 def test_the_report_of_a_real_sweep_opens_cleanly_in_a_browser(reference, tmp_path):
     assert browser_problems(reference / "report.html", tmp_path / "shot.png") == []
     html = (reference / "report.html").read_text()
-    for text in ("Ranking by FD", "Log-linear fits", "isynth sweep --out", "seeds [0, 1]"):
+    for text in ("Ranking by FD", "Log-linear fits", "isynth sweep --out", "seeds [0, 1]", "P(row beats column)"):
         assert text in html, text
+    matrices = json.loads((reference / "pairwise.json").read_text())
+    p = matrices["fd"]["tiny 2e+09"]
+    assert p["ar"]["diffusion"] + p["diffusion"]["ar"] == pytest.approx(1.0)  # A beats B or B beats A (ties half)
 
 
 def test_killed_and_sharded_sweeps_give_the_reference_results(reference, tmp_path):
