@@ -152,8 +152,9 @@ def _mar_size(name: str) -> Preset:
         masked = _section("method", num_buffer=64, mae=True, decoder_depth=depth)
         s = _mar_recipe(width, depth, head, p, discrete, masked)
         if p.name == "mar":
-            s |= {"sample.num_steps": 64, **_section("sample.guidance", scale=scale, schedule="linear"),
-                  **_section("sample.head", sampler="ddpm", steps=100)}
+            s |= {"sample.num_steps": 64, **_section("sample.guidance", scale=scale, schedule="linear")}
+            if not discrete:
+                s |= _section("sample.head", sampler="ddpm", steps=100)
         return s
 
     preset.__doc__ = f"{name.upper()}: encoder and decoder {depth} x {width}, head {head[0]} x {head[1]} (MAR)."
@@ -192,8 +193,9 @@ def _emigm_size(name: str) -> Preset:
 # random-continuous 5 / 0.975, raster-continuous 4.5 / 0.975, random-discrete 1.6 / 1.05, raster-discrete
 # 2.5 / 0.95; the random-order cells with 64 steps and MAR's linear schedule.
 _FLUID_SIZES = {"fluid-166m": (1024, 12), "fluid-369m": (1280, 18), "fluid-665m": (1536, 24), "fluid-1.1b": (1792, 28)}
-_FLUID_SAMPLING = {"mar": (5.0, 0.975), "mdm": (5.0, 0.975), "ar-cont": (4.5, 0.975), "maskgit": (1.6, 1.05),
-                   "ar": (2.5, 0.95)}
+_FLUID_SAMPLING = {("mar", False): (5.0, 0.975), ("mdm", False): (5.0, 0.975), ("ar-cont", False): (4.5, 0.975),
+                   ("mar", True): (1.6, 1.05), ("mdm", True): (1.6, 1.05), ("maskgit", True): (1.6, 1.05),
+                   ("ar", True): (2.5, 0.95)}  # (paradigm, discrete tokens) -> (guidance, temperature)
 
 
 def _fluid_size(name: str) -> Preset:
@@ -202,8 +204,8 @@ def _fluid_size(name: str) -> Preset:
     def preset(p: type[Paradigm], discrete: bool) -> Settings:
         s = _mar_recipe(width, depth, (3, 1024), p, discrete,
                         _section("method", num_buffer=1, mae=False, decoder_depth=0))
-        if p.name in _FLUID_SAMPLING:
-            scale, temperature = _FLUID_SAMPLING[p.name]
+        if (p.name, discrete) in _FLUID_SAMPLING:
+            scale, temperature = _FLUID_SAMPLING[p.name, discrete]
             s |= {"sample.guidance.scale": scale, "sample.head.temperature": temperature}
             if p.name in _MASKED:
                 s |= {"sample.num_steps": 64, "sample.guidance.schedule": "linear"}

@@ -90,7 +90,8 @@ def test_the_token_family_decides_the_head_sections():
     assert make_run("maskgit", "tiny").sample.guidance.schedule == "linear"  # MaskGIT / MAR: linear in revealed
     assert make_run("mdm", "tiny").sample.guidance.schedule == "constant"   # eMIGM: constant on an interval
     with pytest.raises(IsynthError, match="needs a continuous tokenizer"):
-        make_run("mar", "tiny", ["tokenizer.kind=grey"])
+        make_run("ar-cont", "tiny", ["tokenizer.kind=grey"])
+    assert make_run("mar", "tiny", ["tokenizer.kind=grey"]).method.head is None  # Fluid's random-discrete cell
     with pytest.raises(IsynthError, match="t_min/t_max"):  # next-token prediction guides every token
         make_run("ar", "tiny", ["sample.guidance.t_min=0.5"])
 

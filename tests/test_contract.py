@@ -178,6 +178,13 @@ class TestMDMDiscreteELBO(ParadigmContract):
     sampling_variants = MASKED_SAMPLING
 
 
+class TestMARDiscrete(ParadigmContract):
+    """Fluid's random-order discrete cell: MAR's order and mask-ratio law with a softmax head."""
+    paradigm = "mar"
+    overrides = ("tokenizer.kind=grey",)
+    sampling_variants = MASKED_SAMPLING[:2]
+
+
 class TestMAR(ParadigmContract):
     paradigm = "mar"
     sampling_variants = MASKED_SAMPLING[:2] + ({"guidance.scale": 2.0, "head.sampler": "dpm++", "head.order": 2},)

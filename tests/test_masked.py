@@ -63,7 +63,7 @@ def test_masked_counts_follow_mar_cosine_and_always_reveal():
 
 
 @pytest.mark.parametrize("paradigm,overrides", [("maskgit", ()), ("mdm", ()), ("mar", ()),
-                                                ("mdm", ("tokenizer.kind=grey",))])
+                                                ("mdm", ("tokenizer.kind=grey",)), ("mar", ("tokenizer.kind=grey",))])
 def test_reveal_counts_per_step(paradigm, overrides):
     """Each step reveals >= 1 token, the same number in every row, and everything by the end."""
     m = _model(paradigm, *overrides).eval()
@@ -144,7 +144,7 @@ def test_encoder_sees_exactly_the_visible_tokens(paradigm, mae):
 
 @pytest.mark.parametrize("paradigm,overrides", [
     ("maskgit", ()), ("maskgit", ("method.mask_schedule=exp",)), ("mdm", ()),
-    ("mdm", ("method.t_min=0", "method.mask_schedule=linear")), ("mar", ())])
+    ("mdm", ("method.t_min=0", "method.mask_schedule=linear")), ("mar", ()), ("mar", ("tokenizer.kind=grey",))])
 def test_training_count_distribution_matches_its_pmf(paradigm, overrides):
     """The expected training FLOPs use train_count_pmf; it must be the law of what training_mask draws."""
     m = _model(paradigm, *overrides)
@@ -159,8 +159,9 @@ def test_training_count_distribution_matches_its_pmf(paradigm, overrides):
     assert m.train_flops_per_sample() == pytest.approx(mean_flops, rel=1e-6)
 
 
-def test_mar_mask_ratio_is_truncated_normal_on_07_1():
-    m = _model("mar")
+@pytest.mark.parametrize("overrides", [(), ("tokenizer.kind=grey",)])
+def test_mar_mask_ratio_is_truncated_normal_on_07_1(overrides):
+    m = _model("mar", *overrides)
     counts = torch.stack([m.training_mask(1, "cpu")[0].sum() for _ in range(500)])
     assert counts.min() >= math.ceil(0.7 * m.seq_len) - 1 and counts.max() <= m.seq_len
 
@@ -210,7 +211,7 @@ def test_bad_configurations_are_rejected(paradigm, overrides, message):
 
 
 @pytest.mark.parametrize("paradigm,overrides,message", [
-    ("mar", ["tokenizer.kind=grey"], "needs a continuous tokenizer"),     # the diffusion head on ids
+    ("mar", ["tokenizer.kind=grey", "method.head.width=64"], "method.head"),  # no diffusion head on ids
     ("ar-cont", ["tokenizer.kind=grey"], "needs a continuous tokenizer"),
     ("maskgit", ["tokenizer.kind=patch"], "needs a discrete tokenizer"),  # confidence needs probabilities
     ("mar", ["sample.num_steps=65"], "exceeds the 64 tokens"),

@@ -1,5 +1,7 @@
-"""MAR, masked autoregression with continuous tokens (`mar`; Li et al. 2024, "Autoregressive Image
-Generation without Vector Quantization"; Fluid's random-order continuous model, Fan et al. 2024).
+"""MAR, masked autoregression (`mar`; Li et al. 2024, "Autoregressive Image Generation without Vector
+Quantization"; Fluid's random-order models, Fan et al. 2024). Continuous tokens by default (the diffusion
+head); with a discrete tokenizer the same random order, mask-ratio law and sampler drive a softmax head:
+Fluid's random-order discrete cell, which differs from the continuous one only in the token head.
 
 Training: a random order per sample; one mask ratio per batch from a truncated normal on [0.7, 1]
 (mean 1, std 0.25), ceil(N * ratio) tokens masked; the MAE encoder sees the visible tokens plus class
@@ -33,7 +35,7 @@ class MARConfig:
     mae: bool = True
     decoder_depth: int | None = None
     null_is_mask_token: bool = False
-    head: DiffHeadConfig = field(default_factory=DiffHeadConfig)
+    head: DiffHeadConfig | None = field(default_factory=DiffHeadConfig)  # None with discrete tokens
 
     def __post_init__(self):
         check_masked_net(self)
@@ -47,7 +49,7 @@ def _normal_cdf(x: Tensor) -> Tensor:
 
 class MAR(MaskedParadigm):
     name = "mar"
-    discrete = False
+    discrete = None  # the diffusion head for vectors, a softmax for ids
     default_tokenizer = TokenizerConfig(kind="patch", patch_size=1)
 
     @classmethod
