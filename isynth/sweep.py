@@ -47,7 +47,7 @@ def short_sampling(s: dict) -> str:
     (no filtering, the whole guidance interval, guidance details without guidance) are left out."""
     flat = _flat(s)
     inert = {"batch_size": flat.get("batch_size"), "head.top_k": 0, "head.top_p": 1.0,
-             "guidance.t_min": 0.0, "guidance.t_max": 1.0}
+             "guidance.t_min": 0.0, "guidance.t_max": 1.0, "order": "raster"}
     if flat.get("guidance.schedule") != "pow-cosine":
         inert["guidance.pow"] = flat.get("guidance.pow")
     if flat.get("guidance.scale") == 1.0:

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from isynth.errors import IsynthError
+from isynth.overrides import apply
 from isynth.paradigms.rar import random_ratio
 from isynth.presets import make_run
 from isynth.trainer import build
@@ -87,3 +88,34 @@ def test_training_loss_reads_tokens_in_the_permuted_order():
 def test_bad_anneal_window_is_rejected():
     with pytest.raises(IsynthError, match="anneal_end_step"):
         make_run("rar", "tiny", ["method.anneal_start_step=50", "method.anneal_end_step=10"])
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_random_order_sampling_is_the_same_with_and_without_kv_cache(cfg):
+    """sample.order=random (RAR Table 2's pure-random row): a permutation per sample, drawn from the
+    generator; the KV cache changes nothing, and each sample's order differs from raster."""
+    m = _model("method.order=random").eval()
+    s = apply(m.run.sample, {"order": "random", "guidance.scale": cfg}, "sample.")
+    labels = torch.arange(6) % m.class_embed.null
+    cached = m.sample(labels, s, torch.Generator().manual_seed(3))
+    uncached = m.sample(labels, apply(s, {"kv_cache": False}, ""), torch.Generator().manual_seed(3))
+    assert torch.equal(cached, uncached)
+    raster = m.sample(labels, apply(s, {"order": "raster"}, ""), torch.Generator().manual_seed(3))
+    assert not torch.equal(cached, raster)
+    # where each step's token lands: a head that returns the step number i shows out[b, order[b, i]] = i,
+    # i.e. every row is a permutation of the steps, and rows differ
+    m = _model("method.order=random", "tokenizer.levels=256").eval()  # ids up to 255: a step number is a token
+    steps = iter(range(10**6))
+    m.head.sample = lambda h, *a: torch.full((labels.shape[0],), next(steps) % m.seq_len, dtype=torch.long)
+    placed = m.sample(labels, s, torch.Generator().manual_seed(3))
+    assert all(sorted(row.tolist()) == list(range(m.seq_len)) for row in placed)
+    assert len({tuple(row.tolist()) for row in placed}) == len(labels)
+
+
+def test_random_order_sampling_needs_target_aware_positions():
+    with pytest.raises(IsynthError, match="target-aware"):
+        m = _model("method.target_aware=false").eval()
+        m.sample(torch.arange(2), apply(m.run.sample, {"order": "random"}, "sample."), torch.Generator())
+    ar = build(make_run("ar", "tiny"), torch.device("cpu")).model.eval()
+    with pytest.raises(IsynthError, match="target-aware"):
+        ar.sample(torch.arange(2), apply(ar.run.sample, {"order": "random"}, "sample."), torch.Generator())

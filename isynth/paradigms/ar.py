@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from isynth.conditions import Conditions
 from isynth.config import RunConfig, TokenizerConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
+from isynth.errors import IsynthError
 from isynth.guidance import Guidance
 from isynth.heads import (
     CategoricalSampling,
@@ -54,6 +56,9 @@ class ARSampling:
     head: TokenSampling = field(default_factory=CategoricalSampling)  # how each token is drawn
     guidance: Guidance = field(default_factory=Guidance)  # progress: tokens generated before the step / N
     kv_cache: bool = True           # one new position per step (else the whole prefix again)
+    # raster, or a random permutation per sample (RAR Table 2's "pure random" row is sampled that way);
+    # random needs the target-aware positions of `rar` to know which position comes next
+    order: Literal["raster", "random"] = "raster"
     batch_size: int = 256           # images per sampling batch
 
     def __post_init__(self):
@@ -154,19 +159,31 @@ class AR(Paradigm[ARConfig, ARSampling]):
     def sample(self, labels: Tensor, sampling: ARSampling, generator: torch.Generator | None = None) -> Tensor:
         s, b, n = sampling, labels.shape[0], self.seq_len
         use_cfg = s.guidance.on
+        order = None
+        if s.order == "random":
+            if self.target_pos_embed is None:
+                raise IsynthError("sample.order=random needs target-aware positions (rar with "
+                                  "method.target_aware=true): without them the model cannot know which position "
+                                  "comes next")
+            order = torch.rand(b, n, generator=generator, device=labels.device).argsort(1)  # (B, N) per sample
         rows = torch.cat([labels, torch.full_like(labels, self.class_embed.null)]) if use_cfg else labels
         cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
         c_ada = cond if self.run.model.adaln else None
-        out = empty_tokens(self.tokenizer, b, labels.device)  # (B, N) ids or (B, N, D) vectors
+        row_order = None if order is None else torch.cat([order, order]) if use_cfg else order  # (R, N)
+        seq = empty_tokens(self.tokenizer, b, labels.device)  # (B, N[, D]) in generation order
         dev = labels.device.type  # under autocast (bf16 on GPU) keys and values arrive in the autocast dtype
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cond.dtype
         cache = self.net.new_cache(rows.shape[0], n, labels.device, dtype) if s.kv_cache else None
         for i in range(n):
-            prev = out[:, i - 1:i] if cache is not None else out[:, :i]  # newest input, or the whole prefix
+            prev = seq[:, i - 1:i] if cache is not None else seq[:, :i]  # newest input, or the whole prefix
             prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
-            x = self._inputs(prev, cond, None, start=i if cache is not None else 0)
+            x = self._inputs(prev, cond, row_order, start=i if cache is not None else 0)
             h = self.net(x, c_ada, causal=True, cache=cache)[:, -1]  # (R, C)
-            out[:, i] = self.head.sample(h, s.head, s.guidance.weight(i / n), generator)
+            seq[:, i] = self.head.sample(h, s.head, s.guidance.weight(i / n), generator)
+        if order is None:
+            return seq
+        out = torch.empty_like(seq)  # generation order -> raster layout: position order[b, i] holds seq[b, i]
+        out[torch.arange(b, device=seq.device)[:, None], order] = seq
         return out
 
     # --- compute accounting -------------------------------------------------------------------------

@@ -6,7 +6,8 @@ with probability r, else raster. r = 1 until `anneal_start_step`, then falls lin
 `anneal_end_step` (paper: epochs 200 -> 300 of 400, i.e. 50% -> 75% of training, the defaults here).
 `order = random` / `raster` are the ablation endpoints (RAR Table 2). Target-aware positions
 (RAR sec. 3.2, Fig. 3b) tell each input which position comes next; `target_aware = false` removes
-them for the ablation. Sampling is always raster with the KV cache, exactly as `ar`.
+them for the ablation. Sampling is raster with the KV cache, exactly as `ar`, or with `sample.order=random`
+a fresh permutation per sample (the order RAR samples its "pure random" Table 2 row in), the KV cache kept.
 """
 from __future__ import annotations
 
