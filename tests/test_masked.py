@@ -108,12 +108,29 @@ def test_cfg_interval_skips_unconditional_passes():
     window = apply(base, {"guidance.t_min": 0.3, "guidance.t_max": 0.6}, "sample.")
     rows = _rows_per_call(m, window)
     times = m.sampling_times(10)
-    guided = [0.3 < t <= 0.6 for t in times[:-1]]
+    guided = [0.3 < t <= 0.6 for t in times[1:]]  # the time of the state each step produces
     assert rows == [8 if g else 4 for g in guided] and 0 < sum(guided) < 10
     assert m.unconditional_passes(window) == sum(guided)
     assert m.num_network_evals(window) == 10
     assert m.sample_flops(window) < m.sample_flops(base)
     assert _rows_per_call(m, apply(base, {"guidance.scale": 1.0}, "sample.")) == [4] * 10
+
+
+@pytest.mark.parametrize("steps,interval,expected", [
+    (16, (0.1, 0.3), [11, 12, 13]),      # eMIGM's released setting (the current-time rule would give 12-14)
+    (16, (0.2, 0.6), [6, 7, 8, 9, 10, 11]),
+    (8, (0.1, 0.3), [5, 6]),
+    (10, (0.3, 0.6), [4, 5, 6]),       # t(4) = 0.600004 > 0.6: the grid ends at 1e-5, not 0
+    (4, (0.0, 1.0), [0, 1, 2, 3]),
+])
+def test_cfg_interval_follows_the_reference_rule(steps, interval, expected):
+    """eMIGM's sampler (ML-GSAI/eMIGM) guides step k when the time it steps to, t(k+1) on linspace(1, 1e-5,
+    K+1), lies in (t_min, t_max]; the steps are listed by hand from that rule."""
+    m = _model("mdm").eval()
+    s = apply(m.run.sample, {"num_steps": steps, "guidance.scale": 2.0, "guidance.schedule": "constant",
+                             "guidance.t_min": interval[0], "guidance.t_max": interval[1]}, "sample.")
+    assert [k for k, w in enumerate(m.cfg_weights(s)) if w is not None] == expected
+    assert m.unconditional_passes(s) == len(expected)
 
 
 @pytest.mark.parametrize("paradigm,mae", [("mar", True), ("maskgit", False)])
