@@ -230,6 +230,11 @@ class TestGET(_GETContract):
     pass
 
 
+class TestGETAsReleased(_GETContract):
+    """The authors' choices: the state starts from Gaussian noise, the injection without its final norm."""
+    overrides = ("method.state_init=noise", "method.inject_norm=false")
+
+
 class TestGETSolverItersNoCorrection(_GETContract):
     overrides = ("method.train_solver_iters=2", "method.grad_steps=2", "method.fp_correction=false",
                  "method.class_cond=false", "method.loss=l2")

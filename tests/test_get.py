@@ -138,3 +138,29 @@ def test_solver_converges_on_a_trained_model(tiny_pairs, tmp_path):
     class_means = torch.stack([pairs.target[pairs.labels == c].mean(0) for c in range(10)])[labels]
     one_step = model.sample_from(noise, labels, model.run.sample)
     assert (one_step - target).abs().mean() < 0.5 * (class_means - target).abs().mean()
+
+
+def test_released_state_init_and_unnormalised_injection(tiny_pairs):
+    """state_init=noise draws the equilibrium's start from the sampling generator (same seed, same image;
+    another seed, another image for the same input noise); inject_norm=false feeds qkv_inj the injection
+    transformer's output before its final LayerNorm."""
+    torch.manual_seed(0)
+    pairs = f"method.pairs={tiny_pairs}"
+    ref = build(make_run("get", "tiny", [pairs, "method.state_init=noise", "method.inject_norm=false"]),
+                torch.device("cpu")).model.eval()
+    noise, labels, s = torch.randn(3, ref.seq_len, ref.token_dim), torch.arange(3), ref.run.sample
+    a = ref.sample_from(noise, labels, s, torch.Generator().manual_seed(1))
+    assert torch.equal(a, ref.sample_from(noise, labels, s, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, ref.sample_from(noise, labels, s, torch.Generator().manual_seed(2)))
+    torch.manual_seed(0)
+    plain = build(make_run("get", "tiny", [pairs]), torch.device("cpu")).model.eval()
+    assert torch.equal(plain.sample_from(noise, labels, s, torch.Generator().manual_seed(1)),
+                       plain.sample_from(noise, labels, s, torch.Generator().manual_seed(2)))  # zeros: noise only
+    seen = {}
+    for name, m in (("ref", ref), ("plain", plain)):
+        handle = m.qkv_inj.register_forward_pre_hook(lambda mod, args, name=name: seen.update({name: args[0]}))
+        m.sample_from(noise, labels, s)
+        handle.remove()
+    std = {k: v.std(-1) for k, v in seen.items()}  # per token: 1 after a LayerNorm (unit weight at init)
+    assert torch.allclose(std["plain"], torch.ones_like(std["plain"]), atol=0.05)
+    assert not torch.allclose(std["ref"], torch.ones_like(std["ref"]), atol=0.05)
