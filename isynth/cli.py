@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from isynth.claimcommand import claim as claim_command
 from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
 from isynth.config import DataConfig, RunConfig, TokenizerConfig
 from isynth.data import load_dataset
@@ -236,6 +237,7 @@ def compare(out, paradigms, preset, train_flops, num_pairs, dataset, seeds, quie
 cli.add_command(dataset_commands)
 cli.add_command(sweep_command)
 cli.add_command(report_command)
+cli.add_command(claim_command)
 cli.add_command(tokenizer_commands)
 
 # click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.

@@ -63,12 +63,16 @@ def samplings(run, variants: tuple[str, ...] = (), unguided: bool = True) -> lis
     out = []
     if unguided and PARADIGMS[run.paradigm].guided and run.sample.guidance.on:
         out.append(apply(run.sample, {"guidance.scale": 1.0}, "sample."))
-    for v in variants:
-        items = [x if x.startswith("sample.") else f"sample.{x}" for x in v.split()]
-        changes = {k.removeprefix("sample."): val for k, val in parse_overrides(items).items()}
-        out.append(apply(run.sample, changes, "sample."))
+    out += [sampling_variant(run, v) for v in variants]
     out.append(run.sample)
     return [s for i, s in enumerate(out) if s not in out[:i]]
+
+
+def sampling_variant(run, fields: str):
+    """The run's sampling config with `fields` applied: space-separated `field=value` (`sample.` optional)."""
+    items = [x if x.startswith("sample.") else f"sample.{x}" for x in fields.split()]
+    changes = {k.removeprefix("sample."): val for k, val in parse_overrides(items).items()}
+    return apply(run.sample, changes, "sample.")
 
 
 def teacher_pairs(teacher_dir: Path, pairs_dir: Path, num_pairs: int, progress: bool) -> dict:
