@@ -46,8 +46,8 @@ class Guidance:
     def weight(self, progress: float, t: float | None = None) -> float | None:
         """w for a step at `progress` (and time t, where the sampler has one), or None where the step runs
         no unconditional pass: without guidance, or outside the interval."""
-        if not self.on or (t is not None and not self.t_min < t <= self.t_max):
-            return None
+        if not self.on or (t is not None and not self.whole_range and not self.t_min < t <= self.t_max):
+            return None  # the whole range guides every step, also one that ends at t = 0
         if self.schedule == "constant":
             return self.scale
         if self.schedule == "linear":  # MAR: 1 + (w - 1) * revealed / N

@@ -154,11 +154,19 @@ def build_report(out: Path) -> Path:
     all_fits = [f for m in LABELS_TO_FIT for f in stats.fits(fit_rows, m)]
     fd_fits = [f for f in all_fits if f["metric"] == "fd"]
     optimal = stats.compute_optimal([g for g in agg], "fd")
-    made = [("FD against training FLOPs (mean and 95% CI over seeds; dashed: log-linear fits)",
-             figures.quality_vs_training(agg, "fd", fd_fits, fig_dir / "fd_vs_training")),
-            ("Class accuracy against training FLOPs",
-             figures.quality_vs_training(agg, "class_accuracy", None, fig_dir / "accuracy_vs_training")),
-            ("FD against sampling FLOPs per image, per budget (grey: Pareto front over sampler settings)",
+    # Training curves at the configured samplers, one figure per size (the other samplers are inference points)
+    configured = [g for g in agg if not g["sampling_short"]]
+    sizes = list(dict.fromkeys(g["size"] for g in configured))
+    made = []
+    for size in sizes:
+        at = [g for g in configured if g["size"] == size]
+        suffix = "" if len(sizes) == 1 else f"_{size}"
+        made += [(f"FD against training FLOPs, {size} (mean and 95% CI over seeds; dashed: log-linear fits)",
+                  figures.quality_vs_training(at, "fd", [f for f in fd_fits if f["size"] == size],
+                                              fig_dir / f"fd_vs_training{suffix}")),
+                 (f"Class accuracy against training FLOPs, {size}",
+                  figures.quality_vs_training(at, "class_accuracy", None, fig_dir / f"accuracy_vs_training{suffix}"))]
+    made += [("FD against sampling FLOPs per image, per budget (grey: Pareto front over sampler settings)",
              figures.quality_vs_inference(agg, "fd", fig_dir / "fd_vs_sample_flops")),
             ("FD against measured images/s, per budget (grey: Pareto front)",
              figures.quality_vs_inference(agg, "fd", fig_dir / "fd_vs_images_per_s", cost="images_per_s")),
@@ -166,7 +174,8 @@ def build_report(out: Path) -> Path:
              figures.frontier(optimal, "fd", fig_dir / "frontier"))]
     if any(g.get("heldout_class_accuracy") for g in agg):
         made.append(("Held-out combinations: class accuracy against training FLOPs",
-                     figures.quality_vs_training(agg, "heldout_class_accuracy", None, fig_dir / "heldout_vs_training")))
+                     figures.quality_vs_training(configured, "heldout_class_accuracy", None,
+                                                 fig_dir / "heldout_vs_training")))
     figs = [(caption, paths[0]) for caption, paths in made if paths]
     grids = _grids(out, rows)
     if grids:

@@ -116,6 +116,14 @@ def test_cfg_interval_skips_unconditional_passes():
     assert _rows_per_call(m, apply(base, {"guidance.scale": 1.0}, "sample.")) == [4] * 10
 
 
+@pytest.mark.parametrize("paradigm", ["maskgit", "mdm", "mar"])
+def test_guidance_over_the_whole_range_guides_every_step(paradigm):
+    """Without an interval every step is guided, the last one too, whose state is at t = 0 (MaskGIT, MAR)."""
+    m = _model(paradigm).eval()
+    s = apply(m.run.sample, {"num_steps": 6, "guidance.scale": 2.0}, "sample.")
+    assert all(w is not None for w in m.cfg_weights(s)) and m.unconditional_passes(s) == 6
+
+
 @pytest.mark.parametrize("steps,interval,expected", [
     (16, (0.1, 0.3), [11, 12, 13]),      # eMIGM's released setting (the current-time rule would give 12-14)
     (16, (0.2, 0.6), [6, 7, 8, 9, 10, 11]),
