@@ -123,6 +123,17 @@ def _series_key(entry: dict) -> tuple:
             entry.get("sampling_short", ""))
 
 
+def _training_axes(fig: Figure, ax, metric: str, title: str, handles: dict, stem: str | Path) -> list[Path]:
+    """Log training-FLOPs x axis, labels, title, grid and legend; then save."""
+    ax.set_xscale("log")
+    ax.set_xlabel(LABELS["train_flops"])
+    ax.set_ylabel(axis_label(metric))
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    _legend(fig, ax, handles)
+    return _save(fig, stem)
+
+
 def quality_vs_training(aggregated: Iterable[dict], metric: str, fits: Iterable[dict] | None,
                         stem: str | Path) -> list[Path]:
     """Mean `metric` ± its 95% interval against training FLOPs (the group's mean train_flops, else its
@@ -154,13 +165,8 @@ def quality_vs_training(aggregated: Iterable[dict], metric: str, fits: Iterable[
         label = (f"{group_label(f, ('paradigm', 'size', 'axes', 'sampling_short'))} fit: {what} {f['slope']:+.3g}"
                  f"/decade [{lo:+.3g}, {hi:+.3g}]")
         (handles[label],) = ax.plot(x, fit_predict(f, x), ls="--", lw=1.0, color=style.colour(f["paradigm"]))
-    ax.set_xscale("log")
-    ax.set_xlabel(LABELS["train_flops"])
-    ax.set_ylabel(axis_label(metric))
-    ax.set_title(f"{LABELS.get(metric, metric)} against training compute (95% CI over seeds)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    _legend(fig, ax, handles)
-    return _save(fig, stem)
+    return _training_axes(fig, ax, metric, f"{LABELS.get(metric, metric)} against training compute (95% CI over "
+                          "seeds)", handles, stem)
 
 
 def quality_vs_inference(aggregated: Iterable[dict], metric: str, stem: str | Path,
@@ -230,13 +236,8 @@ def frontier(optimal: Iterable[dict], metric: str, stem: str | Path) -> list[Pat
             ax.errorbar([x], [y], yerr=_yerr(o["summary"]), ms=6, capsize=3, **{**style.look(o), "ls": ""})
             ax.annotate(str(o["size"]), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color=colour)
         handles[group_label(members[0], ("paradigm", "axes", "sampling_short"))] = line
-    ax.set_xscale("log")
-    ax.set_xlabel(LABELS["train_flops"])
-    ax.set_ylabel(axis_label(metric))
-    ax.set_title(f"Compute-optimal {LABELS.get(metric, metric)}: best model size per budget", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    _legend(fig, ax, handles)
-    return _save(fig, stem)
+    return _training_axes(fig, ax, metric, f"Compute-optimal {LABELS.get(metric, metric)}: best model size per budget",
+                          handles, stem)
 
 
 def sample_grid_sheet(grids: Sequence[tuple[str, str | Path]], stem: str | Path, columns: int = 4) -> list[Path]:
