@@ -66,7 +66,7 @@ class Claim:
         if len(set(names)) != len(names):
             raise ValueError(f"claim {self.id}: arm names repeat")
         for t in self.tests:
-            for n in (t.a, t.b, *t.over) if not t.over else t.over:
+            for n in t.over or (t.a, t.b):
                 if n not in names:
                     raise ValueError(f"claim {self.id}: test names unknown arm {n!r}")
             if t.metric not in METRICS:
