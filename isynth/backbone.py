@@ -1,6 +1,7 @@
 """The one transformer every paradigm shares.
 
-It maps input vectors x (B, T, C) and an optional condition vector c (B, C) to features (B, T, C). It
+It maps input vectors x (B, T, C) and an optional condition c, one vector per sequence (B, C) or one per
+position (B, T, C) (the RAR reference's class + per-position embedding), to features (B, T, C). It
 knows nothing of tokens, masking, ordering or noise: paradigms embed their inputs and read its outputs.
 Pre-norm blocks (ViT/GPT-2), `scaled_dot_product_attention` with a causal or bidirectional mask,
 optional qk-norm (RAR reference) and optional adaLN-Zero conditioning (DiT, Peebles & Xie 2023).
@@ -80,13 +81,20 @@ class MLP(nn.Module):
         return self.drop(self.fc2(F.gelu(self.fc1(x), approximate="tanh")))
 
 
+def _per_position(m: Tensor) -> Tensor:
+    """Modulation vectors (B, K) of one condition per sequence -> (B, 1, K); (B, T, K) per position as is."""
+    return m.unsqueeze(1) if m.dim() == 2 else m
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.adaln = cfg.adaln
-        # With adaLN the affine parameters come from the condition, so the norms have none.
-        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
-        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=not cfg.adaln)
+        # With adaLN the affine parameters come from the condition, so the norms have none (DiT), unless
+        # model.adaln_norm_affine keeps them as the RAR reference does.
+        affine = cfg.norm_affine
+        self.norm1 = nn.LayerNorm(cfg.width, elementwise_affine=affine)
+        self.norm2 = nn.LayerNorm(cfg.width, elementwise_affine=affine)
         self.attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
@@ -98,7 +106,7 @@ class Block(nn.Module):
         if not self.adaln:
             x = x + self.drop(self.attn(self.norm1(x), causal, cache, layer, qkv_add))
             return x + self.mlp(self.norm2(x))
-        mods = self.modulation(F.silu(c)).unsqueeze(1).chunk(6, dim=-1)  # 6 x (B, 1, C)
+        mods = _per_position(self.modulation(F.silu(c))).chunk(6, dim=-1)  # 6 x (B, 1 or T, C)
         shift1, scale1, gate1, shift2, scale2, gate2 = mods
         x = x + gate1 * self.drop(self.attn(modulate(self.norm1(x), shift1, scale1), causal, cache, layer, qkv_add))
         return x + gate2 * self.mlp(modulate(self.norm2(x), shift2, scale2))
@@ -118,7 +126,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None,
                 qkv_add: Tensor | list[Tensor] | None = None, final_norm: bool = True) -> Tensor:
-        """x: (B, T, C) input vectors; c: (B, C) condition (required iff adaLN). Returns (B, T, C).
+        """x: (B, T, C) input vectors; c: (B, C) or per position (B, T, C) condition (required iff adaLN).
+        Returns (B, T, C).
 
         qkv_add: added to every block's qkv projection, one tensor broadcasting to (B, T, 3C) for all blocks
         or a list with one per block (GET's class and injection conditioning). final_norm=False returns the
@@ -136,7 +145,7 @@ class Transformer(nn.Module):
         """The output norm (adaLN-modulated when the blocks are)."""
         if not self.cfg.adaln:
             return self.norm(x)
-        shift, scale = self.final_modulation(F.silu(c)).unsqueeze(1).chunk(2, dim=-1)  # 2 x (B, 1, C)
+        shift, scale = _per_position(self.final_modulation(F.silu(c))).chunk(2, dim=-1)  # 2 x (B, 1 or T, C)
         return modulate(self.norm(x), shift, scale)
 
     def new_cache(self, batch: int, max_len: int, device, dtype=torch.float32) -> KVCache:
@@ -147,25 +156,29 @@ class Transformer(nn.Module):
         cfg = self.cfg
         c, h, hd = cfg.width, cfg.mlp_hidden, cfg.width // cfg.num_heads
         block = (3 * c * c + 3 * c) + (c * c + c) + (c * h + h) + (h * c + c)  # qkv, proj, fc1, fc2
-        block += (c * 6 * c + 6 * c) if cfg.adaln else 2 * 2 * c  # adaLN modulation, or the norms' affine
+        block += (c * 6 * c + 6 * c) if cfg.adaln else 0  # adaLN modulation
+        block += 2 * 2 * c if cfg.norm_affine else 0  # the two norms' affine
         block += 2 * 2 * hd if cfg.qk_norm else 0
         final = (c * 2 * c + 2 * c) if cfg.adaln else 2 * c
         return cfg.depth * block + final
 
-    def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False, final: bool = True) -> int:
+    def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False, final: bool = True,
+              per_position: bool = False) -> int:
         """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.
 
         The dense layers (qkv, output projection, the two MLP layers, and the adaLN modulation of the one
-        condition vector) as `matmul_flops`; attention's scores QK^T and weighted sum PV as 2 * 2 q kv C,
-        counted in full under a causal mask, as the dense kernels compute and FlopCounterMode counts them.
+        condition vector, or of every query's with `per_position`) as `matmul_flops`; attention's scores
+        QK^T and weighted sum PV as 2 * 2 q kv C, counted in full under a causal mask, as the dense kernels
+        compute and FlopCounterMode counts them.
         train=True adds the backward pass: 2x forward for the dense layers (input and weight gradients),
         2.5x for attention, whose flash backward recomputes QK^T (5 matmuls for 2; Dao et al. 2022).
         """
         cfg, q = self.cfg, num_queries
         kv = num_queries if num_keys is None else num_keys
         c, h = cfg.width, cfg.mlp_hidden
+        m = q if per_position else 1  # condition vectors modulated
         dense = (matmul_flops(q, c, 3 * c, train) + matmul_flops(q, c, c, train) + matmul_flops(q, c, h, train)
-                 + matmul_flops(q, h, c, train) + (matmul_flops(1, c, 6 * c, train) if cfg.adaln else 0))
+                 + matmul_flops(q, h, c, train) + (matmul_flops(m, c, 6 * c, train) if cfg.adaln else 0))
         attn = 2 * 2 * q * kv * c
-        last = matmul_flops(1, c, 2 * c, train) if cfg.adaln and final else 0
+        last = matmul_flops(m, c, 2 * c, train) if cfg.adaln and final else 0
         return cfg.depth * (dense + (7 * attn // 2 if train else attn)) + last

@@ -1,26 +1,31 @@
 """The published claims `isynth claim` re-measures at laptop scale, each with its paper, its arms and its
 tests (isynth.claims). Budgets are the main job's (6e12 training FLOPs on digits, the `cpu` preset), so a
-claim at 3 seeds finishes in about 20 minutes or less on 2 cores. RAR's Table 3 (six scan orders) is not
-here yet: isynth has no fixed scan orders besides raster.
+claim at 3 seeds finishes in about 20 minutes or less on 2 cores.
 """
 from __future__ import annotations
 
 from isynth.claims import Arm, Claim, Test
+from isynth.scans import SCANS
 
 B = 6e12  # the main job's training FLOPs per run
 _CFG = ("sample.guidance.scale=2.0",)
 _INTERVAL = (*_CFG, "sample.guidance.t_min=0.1", "sample.guidance.t_max=0.3")
+_UNCOND_CONSTANT = ("method.class_cond=false", "train.lr_schedule=constant", "train.warmup_fraction=0")
 
 CLAIMS: dict[str, Claim] = {c.id: c for c in (
     Claim("C1", "RAR (Yu et al. 2024), Table 2",
           "annealed random-to-raster training beats pure raster and pure random training",
-          arms=(Arm("anneal", "rar"), Arm("raster", "rar", ("method.order=raster",)),
+          arms=(Arm("anneal", "rar"), Arm("raster", "rar", ("method.order=scan",)),
                 Arm("random", "rar", ("method.order=random",), ("sample.order=random",))),
           tests=(Test("anneal", "raster"), Test("anneal", "random")), budget=B),
     Claim("C2", "RAR (Yu et al. 2024), Fig. 3b",
           "target-aware positions are needed when training in random order",
           arms=(Arm("target-aware", "rar"), Arm("plain", "rar", ("method.target_aware=false",))),
           tests=(Test("target-aware", "plain"), Test("target-aware", "plain", "class_accuracy")), budget=B),
+    Claim("C3", "RAR (Yu et al. 2024), Table 3",
+          "raster is the best scan order for annealed random-order training to converge to, of six",
+          arms=tuple(Arm(s, "rar", (f"method.scan={s}",)) for s in SCANS),
+          tests=tuple(Test("raster", s) for s in SCANS[1:]), budget=B),
     Claim("C4", "eMIGM (You et al. 2025), Fig. 3a",
           "the exp mask schedule is best at few sampling steps",
           arms=tuple(Arm(s, "mdm", (f"method.mask_schedule={s}",), ("sample.num_steps=4",))
@@ -56,8 +61,16 @@ CLAIMS: dict[str, Claim] = {c.id: c for c in (
           tests=(Test("get-6e+12", "teacher", margin=1.0), Test("get-1.5e+12", over=("get-1.5e+12", "get-3e+12",
                                                                                       "get-6e+12"))),
           budget=B),
+    # GET states this for an unconditional model trained at a constant learning rate without warm-up: C10
+    # measures it so (an unconditional teacher too), C11 with isynth's class-conditional recipe (cosine).
     Claim("C10", "GET (Geng et al. 2023), sec. 5",
-          "true noise-image pairs are learnable, shuffled pairs are not",
+          "true noise-image pairs are learnable, shuffled pairs are not (unconditional, constant learning rate)",
+          arms=(Arm("true-pairs", "get", _UNCOND_CONSTANT),
+                Arm("shuffled-pairs", "get", (*_UNCOND_CONSTANT, "method.shuffle_pairs=true"))),
+          tests=(Test("true-pairs", "shuffled-pairs"),), budget=B,
+          teacher=("method.class_cond=false", "sample.guidance.scale=1")),
+    Claim("C11", "GET (Geng et al. 2023), sec. 5, class-conditional",
+          "true noise-image pairs are learnable, shuffled pairs are not (class-conditional, cosine schedule)",
           arms=(Arm("true-pairs", "get"), Arm("shuffled-pairs", "get", ("method.shuffle_pairs=true",))),
           tests=(Test("true-pairs", "shuffled-pairs"),), budget=B),
 )}

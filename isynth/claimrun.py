@@ -40,7 +40,8 @@ def plan(claim: Claim, preset: str | None = None, budget: float | None = None) -
     for r in runs.values():  # unknown sampler fields fail here, before anything runs
         r["samplings"] = [sampling_variant(r["run"], " ".join(a.sampling)) for a in r["arms"]]
     needs_teacher = any(k[0] == "get" for k in runs)
-    return {"runs": runs, "teacher": config("diffusion", (), claim.budget * scale) if needs_teacher else None}
+    teacher = config("diffusion", claim.teacher, claim.budget * scale) if needs_teacher else None
+    return {"runs": runs, "teacher": teacher}
 
 
 def run_claim(claim: Claim, out: Path, seeds: list[int], preset: str | None = None, budget: float | None = None,

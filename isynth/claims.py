@@ -60,6 +60,7 @@ class Claim:
     preset: str = "cpu"
     dataset: str | None = None
     num_samples: int = 1000
+    teacher: tuple[str, ...] = ()    # settings of the `diffusion` teacher whose pairs `get` arms learn
 
     def __post_init__(self):
         names = [a.name for a in self.arms]

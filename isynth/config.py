@@ -37,6 +37,9 @@ class ModelConfig:
     attn_dropout: float = 0.0     # attention-probability dropout (RAR: 0.1)
     qk_norm: bool = False         # LayerNorm on q and k per head (RAR reference)
     adaln: bool = False           # adaLN-Zero conditioning of every block on the condition vector
+    # adaLN's blocks keep LayerNorm's own affine parameters too (redundant with the modulation; the RAR
+    # reference has them, DiT not); without adaLN the norms always have them
+    adaln_norm_affine: bool = False
 
     def __post_init__(self):
         check(self.width > 0 and self.depth > 0 and self.num_heads > 0, "model.width, depth, num_heads must be > 0")
@@ -44,6 +47,11 @@ class ModelConfig:
               f"model.width={self.width} must be divisible by num_heads={self.num_heads}")
         check(self.mlp_ratio > 0 and finite(self.mlp_ratio), "model.mlp_ratio must be a finite number > 0")
         check(0 <= self.dropout < 1 and 0 <= self.attn_dropout < 1, "model dropouts must be in [0, 1)")
+
+    @property
+    def norm_affine(self) -> bool:
+        """Whether the blocks' LayerNorms have their own scale and bias."""
+        return not self.adaln or self.adaln_norm_affine
 
     @property
     def mlp_hidden(self) -> int:
@@ -108,6 +116,7 @@ class TrainConfig:
     batch_size: int = 128         # global batch (split across DDP ranks)
     lr: float = 1e-3
     min_lr: float = 1e-5          # end of the cosine schedule
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up (constant: MAR's and GET's)
     warmup_fraction: float = 0.05 # of total steps (RAR: 100 of 400 epochs = 0.25)
     weight_decay: float = 0.03
     beta1: float = 0.9

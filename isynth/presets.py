@@ -98,8 +98,11 @@ def _cpu_size(name: str) -> Preset:
 # --- paper sizes ---------------------------------------------------------------------------------------
 
 # RAR (Yu et al. 2024) Table 1 sizes; Table 6 recipe: adaLN + qk-norm, dropout 0.1, AdamW 4e-4, wd 0.03,
-# betas (0.9, 0.96), batch 2048, 100 of 400 epochs warm-up, cosine to 1e-5, grad-norm 1.0. Released sampling
-# (temperature, guidance scale, pow-cosine exponent) per size, from the 1d-tokenizer repository.
+# betas (0.9, 0.96), batch 2048, 100 of 400 epochs warm-up, cosine to 1e-5, grad-norm 1.0, no EMA (the
+# 1d-tokenizer config leaves its EMA off; decay 0 makes the EMA weights the trained ones). `rar` gets the
+# released model's layout (modeling/rar.py): a cls token, adaLN on class + per-position embedding, and the
+# LayerNorms' own affine parameters kept under adaLN. Released sampling (temperature, guidance scale,
+# pow-cosine exponent) per size, from the 1d-tokenizer repository.
 _RAR_SIZES = {"rar-b": (768, 24, 3072, (1.0, 16.0, 2.75)), "rar-l": (1024, 24, 4096, (1.02, 15.5, 2.5)),
               "rar-xl": (1280, 32, 5120, (1.02, 6.9, 1.5)), "rar-xxl": (1408, 40, 6144, (1.02, 8.0, 1.2))}
 
@@ -109,11 +112,13 @@ def _rar_size(name: str) -> Preset:
 
     def preset(p: type[Paradigm], discrete: bool) -> Settings:
         s = {**_section("model", width=width, depth=depth, num_heads=16, mlp_ratio=mlp / width, dropout=0.1,
-                        attn_dropout=0.1, qk_norm=True, adaln=True),
+                        attn_dropout=0.1, qk_norm=True, adaln=True, adaln_norm_affine=True),
              **_section("train", batch_size=2048, lr=4e-4, min_lr=1e-5, warmup_fraction=0.25, weight_decay=0.03,
-                        beta1=0.9, beta2=0.96, grad_clip=1.0, ema_decay=0.9999, max_steps=250_000, log_every=100,
+                        beta1=0.9, beta2=0.96, grad_clip=1.0, ema_decay=0.0, max_steps=250_000, log_every=100,
                         ckpt_every=2_000, eval_num_samples=50_000),
              "sample.batch_size": 128}
+        if p.name == "rar":
+            s |= _section("method", cls_token=True, position_condition=True)
         if p.name in ("ar", "rar") and discrete:
             s |= {"sample.head.temperature": temperature,
                   **_section("sample.guidance", scale=scale, schedule="pow-cosine", pow=pw)}

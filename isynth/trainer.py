@@ -42,10 +42,12 @@ def total_steps_for(train: TrainConfig, flops_per_sample: int) -> int:
 
 
 def lr_at(step: int, total: int, train: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to min_lr (RAR Table 6, MAR, DiT)."""
+    """Linear warm-up, then cosine decay to min_lr (RAR Table 6) or constant (MAR, GET)."""
     warmup = int(train.warmup_fraction * total)
     if step < warmup:
         return train.lr * (step + 1) / warmup
+    if train.lr_schedule == "constant":
+        return train.lr
     progress = (step - warmup) / max(1, total - warmup)
     return train.min_lr + 0.5 * (train.lr - train.min_lr) * (1 + math.cos(math.pi * progress))
 

@@ -59,6 +59,23 @@ def test_every_claim_builds_at_its_own_settings(claim_id):
         assert r["run"].train.train_flops > 0 and len(r["samplings"]) == len(r["arms"])
 
 
+def test_get_pairing_claims_as_stated_and_as_isynth_trains():
+    """C10: GET's setting (unconditional teacher and student, constant learning rate, no warm-up); C11:
+    isynth's class-conditional recipe with the cosine schedule."""
+    stated, ours = plan(CLAIMS["C10"]), plan(CLAIMS["C11"])
+    assert not stated["teacher"].method.class_cond and stated["teacher"].sample.guidance.scale == 1
+    for r in stated["runs"].values():
+        t = r["run"].train
+        assert not r["run"].method.class_cond and t.lr_schedule == "constant" and t.warmup_fraction == 0
+    assert ours["teacher"].method.class_cond
+    assert all(r["run"].method.class_cond and r["run"].train.lr_schedule == "cosine" for r in ours["runs"].values())
+
+
+def test_rar_scan_claim_covers_table_3():
+    arms = {r["run"].method.scan for r in plan(CLAIMS["C3"])["runs"].values()}
+    assert arms == {"raster", "spiral-in", "spiral-out", "z-curve", "subsample", "alternate"}
+
+
 @pytest.mark.slow
 def test_every_claim_command_at_a_tiny_budget(tmp_path):
     """One seed (so every verdict is `unresolved`, by the rule) and a tiny model: the command runs every

@@ -3,10 +3,13 @@ backpropagates, sample shapes and ranges, save/load round trip, seed reproducibi
 `torch.utils.flop_counter`'s count, NFE and unconditional passes)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from isynth.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from isynth.errors import IsynthError
 from isynth.flops import counting
 from isynth.overrides import apply
 from isynth.paradigms.masked import MaskedParadigm
@@ -138,6 +141,14 @@ class TestRAR(ParadigmContract):
     sampling_variants = AR_SAMPLING
 
 
+class TestRARReference(ParadigmContract):
+    """The released model's layout (cls token, adaLN on class + per-position embedding) on a z-curve scan."""
+    paradigm = "rar"
+    overrides = ("model.adaln=true", "model.qk_norm=true", "model.adaln_norm_affine=true", "method.cls_token=true",
+                 "method.position_condition=true", "method.scan=z-curve")
+    sampling_variants = (*AR_SAMPLING, {"order": "random", "guidance.scale": 2.0})
+
+
 class TestRARWithoutTargetAware(ParadigmContract):
     paradigm = "rar"
     overrides = ("method.target_aware=false", "method.order=random")
@@ -212,6 +223,28 @@ class TestDiffusionPatchesUniform(ParadigmContract):
     paradigm = "diffusion"
     overrides = ("tokenizer.patch_size=2", "method.time_sampling=uniform")
     sampling_variants = DIFFUSION_SAMPLING[:2]
+
+
+class TestDiffusionUnconditional(ParadigmContract):
+    """method.class_cond=false (GET's unconditional teacher): every label reads as the null class."""
+    paradigm = "diffusion"
+    overrides = ("method.class_cond=false", "sample.guidance.scale=1")
+    sampling_variants = DIFFUSION_SAMPLING[:1]
+
+    def test_labels_are_ignored_and_guidance_is_refused(self, setup):
+        model = copy.deepcopy(setup.model).eval()
+        with torch.no_grad():  # random weights: the zero-initialised output would hide any label dependence
+            for p in model.parameters():
+                p.normal_(0, 0.2)
+        x, t = torch.randn(2, model.seq_len, model.token_dim), torch.tensor([0.3, 0.7])
+        v = model.velocity(x, t, torch.tensor([1, 2]))
+        assert v.abs().mean() > 0
+        torch.testing.assert_close(v, model.velocity(x, t, torch.tensor([5, 0])))
+        conditional = build(make_run("diffusion", "tiny"), torch.device("cpu")).model.eval()
+        conditional.load_state_dict(model.state_dict())
+        assert not torch.allclose(conditional.velocity(x, t, torch.tensor([1, 2])), v)
+        with pytest.raises(IsynthError, match="nothing to guide"):
+            build(make_run("diffusion", "tiny", ["method.class_cond=false"]), torch.device("cpu"))
 
 
 class _GETContract(ParadigmContract):

@@ -3,9 +3,11 @@ import pytest
 import torch
 
 from isynth.errors import IsynthError
+from isynth.flopsreport import flops_report
 from isynth.overrides import apply
 from isynth.paradigms.rar import random_ratio
 from isynth.presets import make_run
+from isynth.scans import SCANS, scan_order
 from isynth.trainer import build
 
 
@@ -39,7 +41,7 @@ def test_orders_are_permutations_and_endpoints_are_pure():
     order = m.training_order(16, "cpu")
     assert torch.equal(order.sort(1).values, torch.arange(m.seq_len).expand(16, -1))
     assert not torch.equal(order, torch.arange(m.seq_len).expand(16, -1))
-    assert _model("method.order=raster").training_order(16, "cpu") is None
+    assert _model("method.order=scan").training_order(16, "cpu") is None
     annealed = _model()
     annealed.set_progress(399, 400)
     assert annealed.training_order(4, "cpu") is None  # r = 0 after the anneal: raster
@@ -100,7 +102,7 @@ def test_random_order_sampling_is_the_same_with_and_without_kv_cache(cfg):
     cached = m.sample(labels, s, torch.Generator().manual_seed(3))
     uncached = m.sample(labels, apply(s, {"kv_cache": False}, ""), torch.Generator().manual_seed(3))
     assert torch.equal(cached, uncached)
-    raster = m.sample(labels, apply(s, {"order": "raster"}, ""), torch.Generator().manual_seed(3))
+    raster = m.sample(labels, apply(s, {"order": "scan"}, ""), torch.Generator().manual_seed(3))
     assert not torch.equal(cached, raster)
     # where each step's token lands: a head that returns the step number i shows out[b, order[b, i]] = i,
     # i.e. every row is a permutation of the steps, and rows differ
@@ -119,3 +121,94 @@ def test_random_order_sampling_needs_target_aware_positions():
     ar = build(make_run("ar", "tiny"), torch.device("cpu")).model.eval()
     with pytest.raises(IsynthError, match="target-aware"):
         ar.sample(torch.arange(2), apply(ar.run.sample, {"order": "random"}, "sample."), torch.Generator())
+
+
+def test_scan_orders_on_a_4x4_grid():
+    """RAR Table 3's six scans (its appendix figure), written out by hand for a 4 x 4 grid."""
+    expected = {
+        "raster": list(range(16)),
+        "spiral-in": [0, 1, 2, 3, 7, 11, 15, 14, 13, 12, 8, 4, 5, 6, 10, 9],
+        "spiral-out": [9, 10, 6, 5, 4, 8, 12, 13, 14, 15, 11, 7, 3, 2, 1, 0],
+        "z-curve": [0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15],
+        "subsample": [0, 2, 8, 10, 1, 3, 9, 11, 4, 6, 12, 14, 5, 7, 13, 15],
+        "alternate": [0, 1, 2, 3, 7, 6, 5, 4, 8, 9, 10, 11, 15, 14, 13, 12],
+    }
+    assert set(expected) == set(SCANS)
+    for name, order in expected.items():
+        assert scan_order(name, (4, 4)).tolist() == order, name
+    for name in SCANS:  # any grid, odd and rectangular too: a permutation
+        for grid in ((5, 3), (1, 7), (8, 8)):
+            assert sorted(scan_order(name, grid).tolist()) == list(range(grid[0] * grid[1])), (name, grid)
+
+
+def _scrambled(m):
+    """Random weights everywhere (adaLN-Zero's zero init would make every block the identity)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return m.eval()
+
+
+@pytest.mark.parametrize("scan", ["spiral-in", "subsample"])
+def test_a_scan_order_is_trained_and_sampled_in(scan):
+    """method.scan: the order annealing ends in (training) and the one sampling follows; the token drawn
+    at step i lands at position scan[i]."""
+    m = _model(f"method.scan={scan}", "method.order=scan", "tokenizer.levels=256")
+    order = scan_order(scan, m.tokenizer.grid)
+    assert torch.equal(m.training_order(3, "cpu"), order.expand(3, -1))
+    steps = iter(range(10**6))
+    m.head.sample = lambda h, *a: torch.full((2,), next(steps) % m.seq_len, dtype=torch.long)
+    placed = m.eval().sample(torch.arange(2), m.run.sample, torch.Generator().manual_seed(0))
+    assert torch.equal(placed[0][order], torch.arange(m.seq_len))
+    mixed = _model(f"method.scan={scan}", "method.anneal_start_step=0", "method.anneal_end_step=100")
+    mixed.set_progress(50, 100)
+    rows = mixed.training_order(400, "cpu")
+    assert 0.35 < (rows == order).all(1).float().mean() < 0.65  # the rest are random permutations
+
+
+REFERENCE = ("model.adaln=true", "model.qk_norm=true", "method.cls_token=true", "method.position_condition=true")
+
+
+@pytest.mark.parametrize("order,cfg", [("scan", 1.0), ("scan", 2.0), ("random", 2.0)])
+def test_reference_layout_samples_the_same_with_and_without_kv_cache(order, cfg):
+    """The cls token and the per-position adaLN condition (1d-tokenizer's modeling/rar.py) through the KV
+    cache: the prefix is fed at once, then one position with its own modulation per step."""
+    m = _scrambled(_model(*REFERENCE))
+    s = apply(m.run.sample, {"order": order, "guidance.scale": cfg}, "sample.")
+    labels = torch.arange(4) % m.class_embed.null
+    cached = m.sample(labels, s, torch.Generator().manual_seed(3))
+    assert torch.equal(cached, m.sample(labels, apply(s, {"kv_cache": False}, ""), torch.Generator().manual_seed(3)))
+
+
+def test_reference_layout_modulates_each_position():
+    """With position_condition the same input at two positions is modulated differently: the features of
+    a sequence change when only the per-position embedding changes."""
+    m = _scrambled(_model(*REFERENCE))
+    tokens, labels = torch.randint(0, m.tokenizer.vocab_size, (2, m.seq_len)), torch.tensor([1, 2])
+    before = m.logits(tokens, labels)
+    with torch.no_grad():
+        m.step_embed[:, 5].add_(1.0)  # sequence position 5 (the cls token is position 0)
+    after = m.logits(tokens, labels)
+    torch.testing.assert_close(before[:, :4], after[:, :4])  # causal: earlier outputs unchanged
+    assert not torch.allclose(before[:, 4], after[:, 4])  # output index 4 is sequence position 5
+
+
+def test_reference_needs_adaln():
+    with pytest.raises(IsynthError, match="model.adaln"):
+        _model("method.position_condition=true")
+
+
+def test_rar_b_as_released_has_the_reference_parameter_count():
+    """RAR-B (1024 codes, 256 tokens, 1000 classes) has 260,923,648 parameters in 1d-tokenizer's
+    modeling/rar.py. Its tables hold rows no input reads, which isynth does not allocate: pos_embed and the
+    target-aware table have image_seq_len + 1024 rows (isynth: 256 + 2 and 256), timesteps_embeddings
+    image_seq_len + 100 (isynth: 256 + 1), and the shared embedding table a mask-token row that RAR never
+    uses. Everything else matches parameter for parameter."""
+    params = flops_report("rar", "rar-b", [], seq_len=256, vocab_size=1024, num_classes=1000)["params"]
+    unread = (1280 - 258) + (1280 - 256) + (356 - 257) + 1
+    assert params + unread * 768 == 260_923_648
+    light = flops_report("rar", "rar-b", ["method.cls_token=false", "method.position_condition=false",
+                                          "model.adaln_norm_affine=false"], seq_len=256, vocab_size=1024,
+                         num_classes=1000)["params"]
+    assert params - light == 768 + 768 + 257 * 768 + 24 * 2 * 2 * 768  # cls, its position, step table, norms

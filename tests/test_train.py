@@ -76,6 +76,15 @@ def test_lr_warmup_then_cosine_to_min_lr():
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert all(1e-5 <= x <= 1e-3 + 1e-12 for x in lrs)
+
+
+def test_constant_lr_after_warmup_and_without():
+    """train.lr_schedule=constant (MAR, GET): the warm-up, then lr to the end; no warm-up: lr from step 0."""
+    cfg = TrainConfig(lr=1e-3, warmup_fraction=0.1, lr_schedule="constant", max_steps=100)
+    assert lr_at(4, 100, cfg) == pytest.approx(5e-4)
+    assert all(lr_at(s, 100, cfg) == 1e-3 for s in range(10, 101))
+    flat = TrainConfig(lr=1e-3, warmup_fraction=0.0, lr_schedule="constant", max_steps=100)
+    assert all(lr_at(s, 100, flat) == 1e-3 for s in range(101))
     no_warmup = TrainConfig(lr=2e-3, min_lr=0.0, warmup_fraction=0.0, max_steps=10)
     assert lr_at(0, 10, no_warmup) == pytest.approx(2e-3)
     assert lr_at(5, 10, no_warmup) == pytest.approx(1e-3)

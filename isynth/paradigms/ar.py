@@ -8,9 +8,10 @@ token is never an input and the model runs N positions for N targets. Sampling i
 a KV cache (one forward over the new token), temperature, top-k, top-p (or the diffusion head's sampler)
 and classifier-free guidance by a doubled batch with RAR's pow-cosine schedule.
 
-The generation order is a hook (`training_order`): `rar` subclasses this file with random permutations
-and target-aware positions; everything else (loss, sampling, NLL, FLOPs) is this one implementation.
-The guidance schedule's progress is the share of tokens generated before the step (RAR's i / N).
+The generation order is a hook (`training_order`): `rar` subclasses this file with random permutations,
+fixed scan orders (`isynth.scans`), target-aware positions and the RAR reference's prefix and per-position
+adaLN condition; everything else (loss, sampling, NLL, FLOPs) is this one implementation. The guidance
+schedule's progress is the share of tokens generated before the step (RAR's i / N).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from isynth.backbone import Transformer
 from isynth.conditions import Conditions
@@ -56,9 +57,10 @@ class ARSampling:
     head: TokenSampling = field(default_factory=CategoricalSampling)  # how each token is drawn
     guidance: Guidance = field(default_factory=Guidance)  # progress: tokens generated before the step / N
     kv_cache: bool = True           # one new position per step (else the whole prefix again)
-    # raster, or a random permutation per sample (RAR Table 2's "pure random" row is sampled that way);
-    # random needs the target-aware positions of `rar` to know which position comes next
-    order: Literal["raster", "random"] = "raster"
+    # scan: the model's scan order (raster; rar's method.scan), or random: a permutation per sample (RAR
+    # Table 2's "pure random" row is sampled that way), which needs rar's target-aware positions to know
+    # which position comes next
+    order: Literal["scan", "random"] = "scan"
     batch_size: int = 256           # images per sampling batch
 
     def __post_init__(self):
@@ -78,15 +80,26 @@ class AR(Paradigm[ARConfig, ARSampling]):
         return ARConfig(head=head), ARSampling(head=head_sampling)
 
     def __init__(self, run: RunConfig[ARConfig, ARSampling], tokenizer: Tokenizer, conditions: Conditions,
-                 target_aware: bool = False):
+                 target_aware: bool = False, scan: Tensor | None = None, cls_token: bool = False,
+                 position_condition: bool = False):
         super().__init__(run, tokenizer, conditions)
         c, n = run.model.width, self.seq_len
         self.tok_embed = TokenInput(tokenizer, c)
         self.class_embed = ClassEmbedding(conditions, c, run.method.class_dropout)
-        self.pos_embed = learned_positions(n + 1, c)  # index 0: cond; 1 + j: image position j
+        # The sequence is [cls?, cond, x_1 .. x_{N-1}]: RAR's reference puts a learned cls token first.
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c)) if cls_token else None
+        self.prefix = 2 if cls_token else 1  # positions before the first image token
+        self.pos_embed = learned_positions(n + self.prefix, c)  # prefix positions, then image position j
         # RAR's target-aware table: the input at step i also carries the embedding of the position it
         # must predict next (Yu et al. 2024, sec. 3.2), so different orders give different logits.
         self.target_pos_embed = learned_positions(n, c) if target_aware else None
+        # The RAR reference's adaLN condition: the class embedding plus a learned embedding of the sequence
+        # position, so every step is modulated differently (1d-tokenizer's `timesteps_embeddings`).
+        self.step_embed = learned_positions(n + self.prefix - 1, c) if position_condition else None
+        if position_condition and not run.model.adaln:
+            raise IsynthError("method.position_condition modulates adaLN: it needs model.adaln=true")
+        # the model's scan order (N,): position generated at each step; None is raster
+        self.register_buffer("scan", scan, persistent=False)
         self.net = Transformer(run.model)
         self.head = build_head(tokenizer, c, run.method.head)
 
@@ -97,21 +110,35 @@ class AR(Paradigm[ARConfig, ARSampling]):
 
     # --- network ------------------------------------------------------------------------------------
     def _inputs(self, prev: Tensor, cond: Tensor, order: Tensor | None, start: int) -> Tensor:
-        """Input vectors (B, T, C) for sequence steps start .. start+T-1.
+        """Input vectors (B, T, C) for sequence positions start .. start+T-1 of [cls?, cond, x_1 ..].
 
-        Step 0 reads the condition; step s >= 1 reads the token generated at step s-1. prev: (B, T') those
-        tokens, in generation order (T = T' + 1 when start == 0, else T'); cond: (B, C); order: (B, N)
-        image position generated at each step, None for raster.
+        Position k-1 (k = self.prefix) reads the condition and predicts step 0; position k-1+s, s >= 1,
+        reads the token generated at step s-1 and predicts step s. prev: (B, T') those tokens, in
+        generation order (T = T' + k when start == 0, else T'); cond: (B, C); order: (B, N) image
+        position generated at each step, None for raster.
         """
-        t = prev.shape[1] + (start == 0)
-        parts = [cond[:, None] + self.pos_embed[:, :1]] if start == 0 else []  # (B, 1, C)
+        k = self.prefix
+        t = prev.shape[1] + (k if start == 0 else 0)
+        parts = [cond[:, None] + self.pos_embed[:, k - 1:k]] if start == 0 else []  # (B, 1, C)
+        if start == 0 and self.cls_token is not None:
+            parts.insert(0, (self.cls_token + self.pos_embed[:, :1]).expand(cond.shape[0], -1, -1))  # (B, 1, C)
         if prev.shape[1] > 0:
-            j0 = max(start - 1, 0)  # generation step of prev[:, 0]
-            parts.append(self.tok_embed(prev) + self._positions(self.pos_embed, 1 + j0, prev.shape[1], order, 1))
+            j0 = max(start - k, 0)  # generation step of prev[:, 0]
+            parts.append(self.tok_embed(prev) + self._positions(self.pos_embed, k + j0, prev.shape[1], order, k))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (B, T, C)
         if self.target_pos_embed is not None:  # the position each step predicts: step s -> order[s]
-            x = x + self._positions(self.target_pos_embed, start, t, order, 0)
+            first = max(start, k - 1)  # the cls token predicts nothing
+            ta = self._positions(self.target_pos_embed, first - (k - 1), start + t - first, order, 0)
+            x = x + (ta if first == start else torch.cat([ta.new_zeros(ta.shape[0], 1, ta.shape[2]), ta], 1))
         return x
+
+    def _condition(self, cond: Tensor, start: int, t: int) -> Tensor | None:
+        """adaLN's condition for positions start .. start+t-1: the class vector (B, C), or with
+        method.position_condition that vector plus each position's learned embedding (B, t, C); None
+        without adaLN."""
+        if not self.run.model.adaln:
+            return None
+        return cond if self.step_embed is None else cond[:, None] + self.step_embed[:, start:start + t]
 
     @staticmethod
     def _positions(table: Tensor, first: int, count: int, order: Tensor | None, offset: int) -> Tensor:
@@ -131,8 +158,13 @@ class AR(Paradigm[ARConfig, ARSampling]):
     def features(self, seq: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
         """Teacher-forced backbone features (B, N, C) predicting each token of `seq` (generation order)."""
         cond = self.class_embed(labels)  # (B, C)
-        x = self._inputs(seq[:, :-1], cond, order, start=0)  # (B, N, C)
-        return self.net(x, cond if self.run.model.adaln else None, causal=True)
+        x = self._inputs(seq[:, :-1], cond, order, start=0)  # (B, k - 1 + N, C)
+        h = self.net(x, self._condition(cond, 0, x.shape[1]), causal=True)
+        return h[:, self.prefix - 1:]  # (B, N, C): the cls position predicts nothing
+
+    def scan_order(self, batch: int) -> Tensor | None:
+        """The model's scan order for a batch (B, N), None for raster."""
+        return None if self.scan is None else self.scan.expand(batch, -1)
 
     def logits(self, tokens: Tensor, labels: Tensor, order: Tensor | None = None) -> Tensor:
         """Teacher-forced logits (B, N, V) for discrete tokens (B, N) in raster layout, read in `order`."""
@@ -146,20 +178,21 @@ class AR(Paradigm[ARConfig, ARSampling]):
 
     @torch.no_grad()
     def nll_bits_per_token(self, tokens: Tensor, labels: Tensor) -> Tensor | None:
-        """Exact NLL of the raster factorisation (the order the model samples in), bits per token;
+        """Exact NLL of the scan order's factorisation (the order the model samples in), bits per token;
         None for continuous tokens (the diffusion head gives no exact likelihood)."""
         if not self.tokenizer.discrete:
             return None
-        logits = self.logits(tokens, labels)
-        nats = F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")  # (B, N)
+        order = self.scan_order(tokens.shape[0])
+        logits = self.logits(tokens, labels, order)
+        nats = F.cross_entropy(logits.transpose(1, 2), self._in_order(tokens, order), reduction="none")  # (B, N)
         return nats.mean(1) / math.log(2)
 
     # --- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, labels: Tensor, sampling: ARSampling, generator: torch.Generator | None = None) -> Tensor:
         s, b, n = sampling, labels.shape[0], self.seq_len
-        use_cfg = s.guidance.on
-        order = None
+        use_cfg, k = s.guidance.on, self.prefix
+        order = self.scan_order(b)
         if s.order == "random":
             if self.target_pos_embed is None:
                 raise IsynthError("sample.order=random needs target-aware positions (rar with "
@@ -168,17 +201,17 @@ class AR(Paradigm[ARConfig, ARSampling]):
             order = torch.rand(b, n, generator=generator, device=labels.device).argsort(1)  # (B, N) per sample
         rows = torch.cat([labels, torch.full_like(labels, self.class_embed.null)]) if use_cfg else labels
         cond = self.class_embed(rows)  # (R, C), R = 2B with CFG
-        c_ada = cond if self.run.model.adaln else None
         row_order = None if order is None else torch.cat([order, order]) if use_cfg else order  # (R, N)
         seq = empty_tokens(self.tokenizer, b, labels.device)  # (B, N[, D]) in generation order
         dev = labels.device.type  # under autocast (bf16 on GPU) keys and values arrive in the autocast dtype
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cond.dtype
-        cache = self.net.new_cache(rows.shape[0], n, labels.device, dtype) if s.kv_cache else None
+        cache = self.net.new_cache(rows.shape[0], n + k - 1, labels.device, dtype) if s.kv_cache else None
         for i in range(n):
             prev = seq[:, i - 1:i] if cache is not None else seq[:, :i]  # newest input, or the whole prefix
             prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
-            x = self._inputs(prev, cond, row_order, start=i if cache is not None else 0)
-            h = self.net(x, c_ada, causal=True, cache=cache)[:, -1]  # (R, C)
+            start = k - 1 + i if cache is not None and i > 0 else 0  # first sequence position fed
+            x = self._inputs(prev, cond, row_order, start)
+            h = self.net(x, self._condition(cond, start, x.shape[1]), causal=True, cache=cache)[:, -1]  # (R, C)
             seq[:, i] = self.head.sample(h, s.head, s.guidance.weight(i / n), generator)
         if order is None:
             return seq
@@ -188,17 +221,19 @@ class AR(Paradigm[ARConfig, ARSampling]):
 
     # --- compute accounting -------------------------------------------------------------------------
     def train_flops_per_sample(self) -> int:
-        n = self.seq_len  # N - 1 token inputs (the last token is never an input), N head targets
-        return int(self.net.flops(n, n, train=True) + self.tok_embed.flops(n - 1, train=True)
-                   + self.head.train_flops(n))
+        n, t = self.seq_len, self.seq_len + self.prefix - 1  # N - 1 token inputs (the last is never one), N targets
+        return int(self.net.flops(t, t, train=True, per_position=self.step_embed is not None)
+                   + self.tok_embed.flops(n - 1, train=True) + self.head.train_flops(n))
 
     def sample_flops(self, sampling: ARSampling) -> int:
-        s, n = sampling, self.seq_len
-        if s.kv_cache:  # step i: one new query over i+1 cached keys, one new token embedded
-            net = sum(self.net.flops(1, i + 1) for i in range(n))
+        s, n, k = sampling, self.seq_len, self.prefix
+        per_position = self.step_embed is not None
+        if s.kv_cache:  # step 0: the k prefix positions; step i: one new query over k+i cached keys
+            net = self.net.flops(k, k, per_position=per_position) + sum(
+                self.net.flops(1, k + i, per_position=per_position) for i in range(1, n))
             embedded = n - 1
-        else:  # step i: the whole prefix of i+1 positions again
-            net = sum(self.net.flops(i + 1, i + 1) for i in range(n))
+        else:  # step i: the whole sequence of k+i positions again
+            net = sum(self.net.flops(k + i, k + i, per_position=per_position) for i in range(n))
             embedded = n * (n - 1) // 2
         cfg = s.guidance.on
         # One head call per step for the whole batch (both CFG halves inside); its per-call work (the

@@ -35,6 +35,7 @@ TIME_SCALE = 1000  # the time embedding reads t * 1000, the scale of DiT's and S
 @dataclass(frozen=True)
 class DiffusionConfig:
     class_dropout: float = 0.1                                       # null class for CFG (DiT: 0.1)
+    class_cond: bool = True          # false: unconditional, every label read as the null class (GET's teacher)
     time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"  # SD3 sec. 3.1: logit-normal(0, 1)
     logit_mean: float = 0.0
     logit_std: float = 1.0
@@ -105,6 +106,9 @@ class Diffusion(FromNoise[DiffusionConfig, DiffusionSampling]):
         super().__init__(run, tokenizer, conditions)
         if not run.model.adaln:
             raise IsynthError("diffusion conditions every block on (t, class) by adaLN-Zero: set model.adaln=true")
+        if not run.method.class_cond and run.sample.guidance.on:
+            raise IsynthError("an unconditional model (method.class_cond=false) has nothing to guide: set "
+                              "sample.guidance.scale=1")
         c, d = run.model.width, tokenizer.token_dim
         self.in_proj = nn.Linear(d, c)
         self.pos = learned_positions(self.seq_len, c)
@@ -117,6 +121,8 @@ class Diffusion(FromNoise[DiffusionConfig, DiffusionSampling]):
 
     def velocity(self, x: Tensor, t: Tensor, labels: Tensor) -> Tensor:
         """x (B, N, D) at times t (B,) in [0, 1], labels (B,) (null = num_classes) -> v (B, N, D)."""
+        if not self.run.method.class_cond:
+            labels = torch.full_like(labels, self.class_embed.null)
         cond = self.time_embed(t * TIME_SCALE) + self.class_embed(labels)  # (B, C)
         h = self.backbone(self.in_proj(x) + self.pos, cond)
         return self.out_proj(h)

@@ -2,12 +2,20 @@
 Generation").
 
 Next-token prediction (this subclasses `ar`) where each training sample's order is a random permutation
-with probability r, else raster. r = 1 until `anneal_start_step`, then falls linearly to 0 at
-`anneal_end_step` (paper: epochs 200 -> 300 of 400, i.e. 50% -> 75% of training, the defaults here).
-`order = random` / `raster` are the ablation endpoints (RAR Table 2). Target-aware positions
-(RAR sec. 3.2, Fig. 3b) tell each input which position comes next; `target_aware = false` removes
-them for the ablation. Sampling is raster with the KV cache, exactly as `ar`, or with `sample.order=random`
-a fresh permutation per sample (the order RAR samples its "pure random" Table 2 row in), the KV cache kept.
+with probability r, else the scan order `method.scan` (raster by default; RAR Table 3 anneals to each of six
+scans, `isynth.scans`). r = 1 until `anneal_start_step`, then falls linearly to 0 at `anneal_end_step`
+(paper: epochs 200 -> 300 of 400, i.e. 50% -> 75% of training, the defaults here). `order = random` /
+`scan` are the ablation endpoints (RAR Table 2). Target-aware positions (RAR sec. 3.2, Fig. 3b) tell each
+input which position comes next; `target_aware = false` removes them for the ablation. Sampling is in the
+scan order with the KV cache, exactly as `ar`, or with `sample.order=random` a fresh permutation per sample
+(the order RAR samples its "pure random" Table 2 row in), the KV cache kept.
+
+The released model (bytedance/1d-tokenizer, `modeling/rar.py`) differs from this lighter default in two
+ways, both options here and both set by the `rar-*` presets: a learned cls token in front of the class
+token (`cls_token`), and an adaLN condition that is the class embedding plus a learned per-position
+embedding (`position_condition`), which makes every position's modulation a matmul of its own (counted in
+the FLOPs). The reference also trains without EMA (the presets set `train.ema_decay=0`, which makes the
+EMA weights the trained ones).
 """
 from __future__ import annotations
 
@@ -22,16 +30,20 @@ from isynth.config import RunConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.heads import head_sections
 from isynth.paradigms.ar import AR, ARSampling
+from isynth.scans import SCANS, scan_order
 from isynth.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)
 class RARConfig:
     class_dropout: float = 0.1              # label -> null class during training, for CFG (RAR: 0.1)
-    order: Literal["anneal", "random", "raster"] = "anneal"
+    order: Literal["anneal", "random", "scan"] = "anneal"
+    scan: Literal[SCANS] = "raster"         # the fixed order annealing ends in (RAR Table 3), sampled in
     anneal_start_step: int | None = None    # None: 50% of training steps
     anneal_end_step: int | None = None      # None: 75% of training steps
     target_aware: bool = True
+    cls_token: bool = False                 # a learned cls token before the class token (the reference's)
+    position_condition: bool = False        # adaLN on class + learned per-position embedding (the reference's)
     head: DiffHeadConfig | None = None      # the diffusion head, with continuous tokens
 
     def __post_init__(self):
@@ -60,7 +72,10 @@ class RAR(AR):
         return RARConfig(head=head), ARSampling(head=head_sampling)
 
     def __init__(self, run: RunConfig[RARConfig, ARSampling], tokenizer: Tokenizer, conditions: Conditions):
-        super().__init__(run, tokenizer, conditions, target_aware=run.method.target_aware)
+        m = run.method
+        scan = None if m.scan == "raster" else scan_order(m.scan, tokenizer.grid)
+        super().__init__(run, tokenizer, conditions, target_aware=m.target_aware, scan=scan,
+                         cls_token=m.cls_token, position_condition=m.position_condition)
 
     def anneal_window(self) -> tuple[int, int]:
         m, total = self.run.method, self.total_steps
@@ -77,8 +92,9 @@ class RAR(AR):
     def training_order(self, batch: int, device) -> Tensor | None:
         r = self.current_ratio()
         if r <= 0.0:
-            return None
+            return self.scan_order(batch)
         perms = torch.rand(batch, self.seq_len, device=device).argsort(dim=1)  # (B, N) uniform permutations
-        raster = torch.arange(self.seq_len, device=device).expand(batch, -1)
+        scan = self.scan_order(batch)
+        scan = torch.arange(self.seq_len, device=device).expand(batch, -1) if scan is None else scan
         use_random = torch.rand(batch, 1, device=device) < r  # (B, 1)
-        return torch.where(use_random, perms, raster)
+        return torch.where(use_random, perms, scan)
