@@ -162,6 +162,25 @@ class Transformer(nn.Module):
         final = (c * 2 * c + 2 * c) if cfg.adaln else 2 * c
         return cfg.depth * block + final
 
+    def flops_terms(self, per_position: bool = False) -> tuple[int, int, int]:
+        """(a, b, c) with flops(q, kv) = a + b q + c q kv for inference: sums over decoding steps in closed
+        form (`isynth flops` answers at once for any sequence length)."""
+        a = self.flops(0, 0, per_position=per_position)
+        b = self.flops(1, 0, per_position=per_position) - a
+        return a, b, self.flops(1, 1, per_position=per_position) - a - b
+
+    def decode_flops(self, prefix: int, steps: int, cached: bool, per_position: bool = False) -> int:
+        """Inference FLOPs of `steps` causal decoding steps after a `prefix`-position start: with a KV cache
+        the first step runs the prefix and each later one a single query over all keys so far; without,
+        each step runs the whole sequence so far (k + i positions at step i)."""
+        a, b, c = self.flops_terms(per_position)
+        k, n = prefix, steps
+        s1 = n * k + n * (n - 1) // 2  # sum of k + i over i < n
+        if cached:  # step 0: f(k, k); step i >= 1: f(1, k + i)
+            return self.flops(k, k, per_position=per_position) + (n - 1) * (a + b) + c * (s1 - k)
+        s2 = n * k * k + k * n * (n - 1) + (n - 1) * n * (2 * n - 1) // 6  # sum of (k + i)^2 over i < n
+        return n * a + b * s1 + c * s2
+
     def flops(self, num_queries: int, num_keys: int | None = None, train: bool = False, final: bool = True,
               per_position: bool = False) -> int:
         """Matmul FLOPs for ONE sequence: `num_queries` new positions attending to `num_keys`.

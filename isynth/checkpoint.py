@@ -40,7 +40,9 @@ def prepare_run_dir(out: Path, run: RunConfig) -> bool:
     out = Path(out)
     cfg_path = out / CONFIG
     if cfg_path.is_file():
-        saved = read_config_dict(out)
+        from isynth.paradigms import run_from_dict  # the paradigms import this module
+
+        saved = run_from_dict(read_config_dict(out)).to_dict()  # settings added since take their defaults
         changes = config_changes(saved, run.to_dict())
         if changes:
             raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "

@@ -1,7 +1,8 @@
 """`isynth` command line: train, sample, eval, flops, pairs, compare.
 
 A command picks a preset and overrides fields with `section.field=value` arguments (e.g.
-`model.width=64 sample.cfg_scale=3`). Any bad input ends with one line on stderr and exit status 2.
+`model.width=64 sample.cfg_scale=3`). Any bad input ends with one line on stderr and exit status 2;
+training that diverges (a non-finite loss or gradient norm) with one line and exit status 3.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from isynth.config import DataConfig, RunConfig, TokenizerConfig
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
-from isynth.eval.run_eval import evaluate_run
+from isynth.eval.run_eval import MIN_SAMPLES, evaluate_run
 from isynth.export import dataset as dataset_commands
 from isynth.flopsreport import flops_report
 from isynth.latents import tokenize as tokenize_dataset
@@ -132,8 +133,8 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, 
 @OVERRIDES
 def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
     """Sample RUN_DIR, score the samples, write RUN_DIR/metrics.json and print it."""
-    if num_samples is not None and num_samples < 2:
-        raise IsynthError(f"--num-samples must be >= 2, got {num_samples}")
+    if num_samples is not None and num_samples < MIN_SAMPLES:
+        raise IsynthError(f"--num-samples must be >= {MIN_SAMPLES}, got {num_samples}")
     # Only the config is needed here; evaluate_run loads the weights once.
     s = _sampling(read_run_config(run_dir), overrides, cfg_scale, None)
     click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema), indent=2))
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except IsynthError as e:
         _error(e)
-        return 2
+        return e.exit_code
     except OSError as e:  # an unusable path given by the user (a file where a directory must be, no permission)
         _error(e)
         return 2

@@ -129,6 +129,9 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every: int = 100
     eval_num_samples: int = 1000  # samples drawn by `isynth eval`
+    # Batches with a non-finite loss or gradient norm: 0 stops training at the first (exit 3, the last good
+    # checkpoint kept); N > 0 skips up to N of them without an update, as large-scale trainers do.
+    skip_nonfinite: int = 0
 
     def __post_init__(self):
         check(self.batch_size > 0, "train.batch_size must be > 0")
@@ -137,6 +140,7 @@ class TrainConfig:
         check(0 <= self.warmup_fraction < 1, "train.warmup_fraction must be in [0, 1)")
         check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
         check(self.grad_clip > 0, "train.grad_clip must be > 0")
+        check(self.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0")
         check((self.max_steps is None) != (self.train_flops is None),
               "set exactly one training budget: train.max_steps or train.train_flops")
         check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")

@@ -3,9 +3,14 @@ everything is written to a temporary name in the destination directory and renam
 JSON the user may have edited turns any problem into one clear error."""
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import os
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +19,48 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from isynth.errors import IsynthError
+
+
+@contextmanager
+def writer_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Hold the one-writer lock of `directory` (a run, pair or token directory) for the block.
+
+    An exclusive `flock` on `.<name>.lock` beside the directory, so it works before the directory exists
+    and never touches its contents; the OS releases it when the process ends, however it ends, so a killed
+    writer leaves no stale lock. The file names its holder for the refusal a second writer gets."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    f = open(directory.parent / f".{directory.name}.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise IsynthError(f"{directory} is being written by {holder}; wait for it to end or use another "
+                          "directory") from None
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()} ({' '.join(Path(a).name if i == 0 else a for i, a in enumerate(sys.argv[:3]))}"
+                f") since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        yield
+    finally:
+        f.close()  # closing the descriptor releases the lock
+
+
+def one_writer(arg: str):
+    """Decorator: the function runs holding `writer_lock` on its directory argument `arg`."""
+    def wrap(fn):
+        sig = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            with writer_lock(sig.bind(*args, **kwargs).arguments[arg]):
+                return fn(*args, **kwargs)
+        return locked
+    return wrap
 
 
 @contextmanager

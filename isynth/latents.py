@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 from isynth.config import DataConfig, TokenizerConfig
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text, read_json
+from isynth.files import atomic_save_tensors, atomic_write_text, one_writer, read_json
 from isynth.tokendata import SampledLatents
 from isynth.tokenizers.base import Tokenizer
 
@@ -55,6 +55,7 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
+@one_writer("out")
 def tokenize(tokenizer: Tokenizer, tokenizer_cfg: TokenizerConfig, data_cfg: DataConfig, dataset, out: Path,
              shard_size: int = 4096, progress: bool = True) -> dict:
     """Encode (or resume encoding) the training split of `dataset` into `out`; returns the manifest."""

@@ -100,9 +100,15 @@ def apply(obj: T, values: Mapping[str, object], prefix: str = "") -> T:
     return dataclasses.replace(obj, **direct) if direct else obj
 
 
+# Values a later version renamed, read from older config.json files: (field, old value) -> new value.
+RENAMED_VALUES = {("method.order", "raster"): "scan", ("sample.order", "raster"): "scan"}
+
+
 def merge(obj: T, data: object, prefix: str = "") -> T:
-    """`obj` with every field replaced from `data` (a parsed config.json section): every field must be
-    present, none may be unknown, and each value must have the field's type (nothing is parsed from text)."""
+    """`obj` with every field replaced from `data` (a parsed config.json section): no field may be unknown,
+    every section must be present, and each value must have the field's type (nothing is parsed from text).
+    A missing setting is one a later version added: it keeps `obj`'s default, which every added setting
+    chooses to reproduce the earlier behaviour, so older runs stay readable and resumable."""
     where = prefix.rstrip(".") or "config"
     if not isinstance(data, dict):
         raise IsynthError(f"{where} must be a JSON object, got {type(data).__name__}")
@@ -110,17 +116,19 @@ def merge(obj: T, data: object, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise IsynthError(_unknown(prefix + unknown[0], prefix + unknown[0], set(names)))
-    missing = [n for n in names if n not in data]
+    missing = [n for n in names if n not in data and dataclasses.is_dataclass(getattr(obj, n))]
     if missing:
         raise IsynthError(f"{where} is incomplete: no {prefix + missing[0]!r}")
     hints = typing.get_type_hints(type(obj))
     values = {}
-    for name in names:
+    for name in (n for n in names if n in data):
         current, full = getattr(obj, name), prefix + name
         if dataclasses.is_dataclass(current):
             values[name] = merge(current, data[name], full + ".")
         else:
-            values[name] = _value(data[name], hints[name], full, parse=False)
+            value = data[name]
+            value = RENAMED_VALUES.get((full, value), value) if isinstance(value, str) else value
+            values[name] = _value(value, hints[name], full, parse=False)
     return dataclasses.replace(obj, **values)
 
 

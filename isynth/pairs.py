@@ -21,7 +21,7 @@ import torch
 
 from isynth.checkpoint import CHECKPOINT
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text, sha256_file
+from isynth.files import atomic_save_tensors, atomic_write_text, one_writer, sha256_file
 from isynth.pairformat import FORMAT, MANIFEST, read_manifest, shard_name
 from isynth.paradigms.base import FromNoise
 from isynth.runs import balanced_labels, load_trained
@@ -35,6 +35,7 @@ def _shard_noise(seed: int, index: int, shard_size: int, seq_len: int, token_dim
     return torch.randn(shard_size, seq_len, token_dim, generator=gen)
 
 
+@one_writer("out")
 def generate_pairs(teacher_dir: Path, num_pairs: int, out: Path, sampling=None, seed: int = 0,
                    shard_size: int = 1024, use_ema: bool = True, progress: bool = True) -> dict:
     """Generate (or resume, or extend to) `num_pairs` teacher pairs in `out`; returns the manifest. The

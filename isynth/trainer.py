@@ -22,8 +22,8 @@ from tqdm import tqdm
 from isynth.checkpoint import CHECKPOINT, LOG, load_checkpoint, load_weights, prepare_run_dir, save_checkpoint
 from isynth.config import RunConfig, TrainConfig
 from isynth.data import ImageDataset, load_dataset
-from isynth.errors import IsynthError
-from isynth.files import atomic_write_text
+from isynth.errors import Diverged, IsynthError
+from isynth.files import atomic_write_text, writer_lock
 from isynth.hardware import default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
@@ -124,17 +124,24 @@ def build_optimizer(model: Paradigm, cfg: TrainConfig, device: torch.device) -> 
                              lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
 
 
-def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: float, amp) -> torch.Tensor:
-    """One optimizer step (forward under `amp`, backward, clipping, AdamW); returns the detached loss."""
+def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: float, amp,
+               skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step (forward under `amp`, backward, clipping, AdamW). Returns the detached loss, the
+    gradient norm before clipping and whether either is non-finite, all on the device: no host sync.
+    With `skip_nonfinite` a bad batch makes no update: the fused AdamW reads `found_inf` on the device (the
+    mechanism of torch.amp.GradScaler) and leaves weights, moments and step count as they were."""
     for g in opt.param_groups:
         g["lr"] = lr
     with amp:
         loss = ddp(tokens, labels)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    bad = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))  # a NaN loss gives a NaN norm too
+    if skip_nonfinite:
+        opt.found_inf = bad.float()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach()
+    return loss.detach(), norm.detach(), bad
 
 
 def autocast_for(device: torch.device):
@@ -147,21 +154,44 @@ def _ema_copy(model: Paradigm) -> dict[str, torch.Tensor]:
 
 
 def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
-    """Train `run` into directory `out`, resuming from its checkpoint if there is one."""
+    """Train `run` into directory `out`, resuming from its checkpoint if there is one. One process writes a
+    run directory at a time (`writer_lock`); a non-finite loss or gradient norm stops training with
+    `Diverged` (or skips the batch, up to train.skip_nonfinite times) and is never checkpointed."""
     rank, world = init_distributed()
     device = default_device()
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank and every attempt
     s = build(run, device)
-    model, cfg, total = s.model, run.train, s.total_steps
-    if cfg.batch_size % world:
-        raise IsynthError(f"train.batch_size={cfg.batch_size} is not divisible by {world} processes")
+    if run.train.batch_size % world:
+        raise IsynthError(f"train.batch_size={run.train.batch_size} is not divisible by {world} processes")
     # The training data before the run directory: unreadable data (e.g. a corrupt pair shard) leaves nothing.
-    tokens_all, labels_all = (t.to(device) for t in model.training_data(s.dataset))  # (N, T[, D]), (N,)
+    data = tuple(t.to(device) for t in s.model.training_data(s.dataset))  # (N, T[, D]), (N,)
     out = Path(out)
-    if rank == 0:
-        prepare_run_dir(out, run)
-    if world > 1:
-        dist.barrier()
+    with writer_lock(out) if rank == 0 else nullcontext():
+        if rank == 0:
+            prepare_run_dir(out, run)
+        if world > 1:
+            dist.barrier()
+        return _train(s, data, out, rank, world, device, progress)
+
+
+def _check_finite(bad_count: torch.Tensor, first_bad: torch.Tensor, cfg: TrainConfig, last_ckpt: int) -> None:
+    """At a log or checkpoint step (the host syncs there anyway): stop if training has diverged."""
+    n = int(bad_count.item())
+    if n == 0 or (cfg.skip_nonfinite and n <= cfg.skip_nonfinite):
+        return
+    kept = f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else "no checkpoint was written"
+    if cfg.skip_nonfinite:
+        raise Diverged(f"training diverged: {n} batches had a non-finite loss or gradient norm, more than "
+                       f"train.skip_nonfinite={cfg.skip_nonfinite} (the first at step {int(first_bad.item())}); "
+                       f"{kept}")
+    raise Diverged(f"training diverged at step {int(first_bad.item())}: the loss or gradient norm is not finite; "
+                   f"{kept} (lower train.lr, or skip such batches with train.skip_nonfinite=N)")
+
+
+def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: int, world: int,
+           device: torch.device, progress: bool) -> Path:
+    run, model, cfg, total = s.run, s.model, s.run.train, s.total_steps
+    tokens_all, labels_all = data
 
     opt = build_optimizer(model, cfg, device)
     ema = _ema_copy(model)
@@ -192,7 +222,12 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
 
     bar = tqdm(total=total, initial=start_step, disable=(rank != 0 or not progress) or None, desc=run.paradigm,
                dynamic_ncols=True, leave=False)
-    window_loss, window_n, t_window = torch.zeros((), device=device), 0, time.perf_counter()
+    # Sums over the log window and the divergence record, kept on the device: the host reads them only at
+    # log and checkpoint steps, which synchronise anyway.
+    window_loss, window_norm, window_good = (torch.zeros((), device=device) for _ in range(3))
+    bad_count = torch.zeros((), dtype=torch.long, device=device)
+    first_bad = torch.zeros((), dtype=torch.long, device=device)  # 1-based step of the first bad batch
+    window_n, t_window, last_ckpt = 0, time.perf_counter(), start_step
     log_lines = []
     model.train()
     for step in range(start_step, total):
@@ -200,29 +235,47 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
         torch.manual_seed(step_seed(cfg.seed, step, rank))
         idx = torch.from_numpy(order.indices(step)[rank::world]).to(device)
         lr = lr_at(step, total, cfg)
-        loss = train_step(ddp, model, opt, tokens_all[idx], labels_all[idx], lr, cfg.grad_clip, amp)
+        loss, norm, bad = train_step(ddp, model, opt, tokens_all[idx], labels_all[idx], lr, cfg.grad_clip, amp,
+                                     skip_nonfinite=cfg.skip_nonfinite > 0)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay_at(step, cfg.ema_decay))
         flops_done += s.flops_per_sample * cfg.batch_size
-        window_loss += loss.detach()
+        good = (~bad).float()
+        window_loss += torch.where(bad, 0.0, loss)
+        window_norm += torch.where(bad, 0.0, norm)
+        window_good += good
+        first_bad = torch.where((bad_count == 0) & bad, step + 1, first_bad)
+        bad_count += bad.long()
         window_n += 1
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
+            _check_finite(bad_count, first_bad, cfg, last_ckpt)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t_window
             elapsed += dt
             sps = window_n * cfg.batch_size / dt
-            rec = {"step": done, "loss": round(window_loss.item() / window_n, 5), "lr": lr,
+            n_good = max(window_good.item(), 1.0)
+            rec = {"step": done, "loss": round(window_loss.item() / n_good, 5),
+                   "grad_norm": round(window_norm.item() / n_good, 5), "lr": lr,
                    "train_flops": flops_done, "samples_per_s": round(sps, 2),
                    "mfu": round(sps * s.flops_per_sample / (peak * world), 4), "elapsed_s": round(elapsed, 2)}
+            if cfg.skip_nonfinite:
+                rec["skipped_batches"] = int(bad_count.item())
             log_lines.append(json.dumps(rec))
             bar.set_postfix(loss=rec["loss"], mfu=rec["mfu"])
-            window_loss.zero_()
+            for t in (window_loss, window_norm, window_good):
+                t.zero_()
             window_n, t_window = 0, time.perf_counter()
         if done % cfg.ckpt_every == 0 or done == total:
             t_ckpt = time.perf_counter()
+            _check_finite(bad_count, first_bad, cfg, last_ckpt)
+            if not all_finite(model_params + ema_params):  # never a checkpoint with a non-finite value
+                raise Diverged(f"training diverged by step {done}: the weights are not finite; "
+                               + (f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else
+                                  "no checkpoint was written"))
+            last_ckpt = done
             if rank == 0:
                 append_log(out / LOG, log_lines)
                 meta = {"step": done, "total_steps": total, "train_flops": flops_done, "elapsed_s": elapsed,
@@ -235,6 +288,12 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
             t_window += time.perf_counter() - t_ckpt  # checkpoint time is not training throughput
     bar.close()
     return out
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every value of `tensors` is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def append_log(path: Path, lines: list[str]) -> None:

@@ -14,7 +14,7 @@ import isynth.trainer as trainer
 from isynth.checkpoint import CHECKPOINT, CONFIG, LOG
 
 RUN_FILES = {CONFIG, CHECKPOINT, LOG}
-LOG_KEYS = {"step", "loss", "lr", "train_flops", "samples_per_s", "mfu", "elapsed_s"}
+LOG_KEYS = {"step", "loss", "grad_norm", "lr", "train_flops", "samples_per_s", "mfu", "elapsed_s"}
 # rar exercises every kind of per-step randomness: batch choice, label dropout, random orders annealed over
 # the run (total 12 -> anneal between steps 6 and 9), and here dropout masks too.
 RESUME_OVERRIDES = ["train.max_steps=12", "train.ckpt_every=4", "train.log_every=2",

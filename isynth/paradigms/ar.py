@@ -228,13 +228,10 @@ class AR(Paradigm[ARConfig, ARSampling]):
     def sample_flops(self, sampling: ARSampling) -> int:
         s, n, k = sampling, self.seq_len, self.prefix
         per_position = self.step_embed is not None
-        if s.kv_cache:  # step 0: the k prefix positions; step i: one new query over k+i cached keys
-            net = self.net.flops(k, k, per_position=per_position) + sum(
-                self.net.flops(1, k + i, per_position=per_position) for i in range(1, n))
-            embedded = n - 1
-        else:  # step i: the whole sequence of k+i positions again
-            net = sum(self.net.flops(k + i, k + i, per_position=per_position) for i in range(n))
-            embedded = n * (n - 1) // 2
+        # step 0: the k prefix positions; then one new query over k+i cached keys, or with no cache the
+        # whole sequence of k+i positions again (closed form: isynth.backbone.Transformer.decode_flops)
+        net = self.net.decode_flops(k, n, s.kv_cache, per_position)
+        embedded = n - 1 if s.kv_cache else n * (n - 1) // 2
         cfg = s.guidance.on
         # One head call per step for the whole batch (both CFG halves inside); its per-call work (the
         # diffusion head's time embedding) is shared by the batch's sample.batch_size images.

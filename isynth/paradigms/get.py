@@ -183,8 +183,8 @@ class GET(FromNoise[GETConfig, GETSampling]):
                  + matmul_flops(n, c, 3 * c * m.deq_depth, train)
                  + iters_no_grad * self.equilibrium.flops(n, final=False)
                  + outputs * matmul_flops(n, c, d, train))
-        if train:  # the first unrolled iteration starts from a detached state: its first qkv has no input grad
-            total += iters_grad * self.equilibrium.flops(n, train=True, final=False) - matmul_flops(n, c, 3 * c)
+        if train:  # torchdeq's unrolled iterations start from a state that requires grad (counted in full)
+            total += iters_grad * self.equilibrium.flops(n, train=True, final=False)
         return total
 
     def train_flops_per_sample(self) -> int:

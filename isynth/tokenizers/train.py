@@ -32,7 +32,7 @@ from isynth.errors import IsynthError
 from isynth.eval.features import get_feature_net
 from isynth.eval.images import save_grid
 from isynth.eval.metrics import frechet_distances
-from isynth.files import atomic_save_tensors, atomic_write_text, read_json, sha256_file
+from isynth.files import atomic_save_tensors, atomic_write_text, one_writer, read_json, sha256_file
 from isynth.flops import counting, matmul_flops
 from isynth.hardware import default_device
 from isynth.tokenizers.learned import (
@@ -128,6 +128,7 @@ def _prepare_dir(out: Path, cfg: TokenizerTrainConfig) -> None:
     atomic_write_text(file, cfg.to_json())
 
 
+@one_writer("out")
 def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, progress: bool = True) -> dict:
     """Train (or resume, or finish) the tokenizer of `cfg` into `out`; returns its metrics."""
     out, device, t = Path(out), default_device(), cfg.train
