@@ -173,11 +173,19 @@ def test_ddp_two_processes(tmp_path, cache):
     torchrun = Path(sys.executable).parent / "torchrun"
     if not torchrun.exists():
         pytest.skip("torchrun is not installed next to the interpreter")
-    out = tmp_path / "ddp"
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "isynth", "train", "ar", "--preset", "tiny",
-                           "--steps", "6", "--out", str(out), "--quiet"],
+    out, single = tmp_path / "ddp", tmp_path / "single"
+    # Without label dropout the loss is a function of the batch alone, so two processes with 16 images each
+    # must follow one process with all 32, if and only if their gradients are averaged (DDP).
+    args = ["-m", "isynth", "train", "ar", "--preset", "tiny", "--steps", "6", "--quiet", "method.class_dropout=0"]
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", *args, "--out", str(out)],
                           env=sub_env(cache), capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(single)], env=sub_env(cache), capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    w_ddp, w_one = load_checkpoint(out / CHECKPOINT)[0], load_checkpoint(single / CHECKPOINT)[0]
+    for k in w_one:
+        torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
     assert set(os.listdir(out)) == RUN_FILES
     weights, ema, opt, meta = load_checkpoint(out / CHECKPOINT)
     assert meta["world_size"] == 2 and meta["step"] == meta["total_steps"] == 6
