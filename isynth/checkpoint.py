@@ -8,6 +8,7 @@ killed at any instant leaves either the previous file or the new one, never half
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -119,14 +120,63 @@ def load_checkpoint(path: Path) -> tuple[dict, dict, dict, dict]:
     return model, ema, {"state": state, "param_groups": groups}, meta
 
 
-def load_weights(module: torch.nn.Module, state: dict, source: Path) -> None:
-    """Load a state dict, turning a mismatch (another config's checkpoint) into one clear error."""
-    own = module.state_dict()
+def check_state(own: dict, state: dict, source: Path, what: str = "weights") -> None:
+    """`state` has exactly `own`'s tensors, each with its shape and dtype, every value finite; else one
+    error naming the first tensor that is not so (another config's checkpoint, or an edited file)."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    bad_shape = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or bad_shape:
-        what = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
-                else f"shape of {bad_shape[0]} {tuple(state[bad_shape[0]].shape)} != {tuple(own[bad_shape[0]].shape)}")
-        raise IsynthError(f"{source}: checkpoint does not match this run's config ({what})")
+    if missing or unexpected:
+        raise IsynthError(f"{source}: checkpoint does not match this run's config ({what}: "
+                          + (f"missing {missing[:2]})" if missing else f"unexpected {unexpected[:2]})"))
+    for k, mine in own.items():
+        t = state[k]
+        if t.shape != mine.shape:
+            raise IsynthError(f"{source}: checkpoint does not match this run's config ({what}: shape of {k} "
+                              f"{tuple(t.shape)} != {tuple(mine.shape)})")
+        if t.dtype != mine.dtype:
+            raise IsynthError(f"{source}: {what} tensor {k} is {t.dtype}, the model's is {mine.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise IsynthError(f"{source}: {what} tensor {k} holds non-finite values")
+
+
+def load_weights(module: torch.nn.Module, state: dict, source: Path, what: str = "weights") -> None:
+    """Load a state dict, turning a mismatch (another config's checkpoint) into one clear error."""
+    check_state(module.state_dict(), state, source, what)
     module.load_state_dict(state)
+
+
+def check_optimizer(opt: torch.optim.Optimizer, state: dict, source: Path) -> None:
+    """The saved AdamW state fits `opt`'s parameters: the same groups, and per parameter a finite scalar
+    step and moments of the parameter's shape and dtype."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    groups = state.get("param_groups")
+    if not isinstance(groups, list) or [len(g.get("params", [])) for g in groups if isinstance(g, dict)] != \
+            [len(g["params"]) for g in opt.param_groups]:
+        raise IsynthError(f"{source}: optimizer state does not match this run's parameter groups")
+    for idx, entry in state["state"].items():
+        if not 0 <= idx < len(params):
+            raise IsynthError(f"{source}: optimizer state for parameter {idx}, the run has {len(params)}")
+        for name, t in entry.items():
+            want = () if name == "step" else params[idx].shape
+            if name not in ("step", "exp_avg", "exp_avg_sq") or t.shape != want:
+                raise IsynthError(f"{source}: optimizer tensor {idx}/{name} {tuple(t.shape)} does not fit "
+                                  f"parameter {idx} {tuple(params[idx].shape)}")
+            if t.dtype != (torch.float32 if name == "step" else params[idx].dtype) or not bool(torch.isfinite(t).all()):
+                raise IsynthError(f"{source}: optimizer tensor {idx}/{name} has dtype {t.dtype} or non-finite values")
+
+
+def check_meta(meta: object, total_steps: int, source: Path) -> dict:
+    """The checkpoint's metadata: step an integer in [0, total steps], FLOPs and time finite and >= 0."""
+    def number(key: str, integer: bool = False) -> float:
+        v = meta.get(key) if isinstance(meta, dict) else None
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if not ok or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise IsynthError(f"{source}: checkpoint metadata {key!r} must be a finite "
+                              f"{'integer' if integer else 'number'} >= 0, got {v!r}")
+        return v
+    step = number("step", integer=True)
+    if step > total_steps:
+        raise IsynthError(f"{source}: checkpoint step {step} is past this run's {total_steps} steps")
+    number("train_flops")
+    number("elapsed_s")
+    return meta

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isynth.checkpoint import CHECKPOINT, CONFIG, load_checkpoint, load_weights, read_config_dict
+from isynth.checkpoint import CHECKPOINT, CONFIG, check_meta, load_checkpoint, load_weights, read_config_dict
 from isynth.conditions import Conditions
 from isynth.config import RunConfig
 from isynth.data import ImageDataset, load_dataset
@@ -39,7 +39,11 @@ def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | Non
     dataset = load_dataset(run.data)
     model = build_paradigm(run, build_tokenizer(run.tokenizer, dataset.image_shape), dataset.conditions)
     weights, ema, _, meta = load_checkpoint(ckpt)
-    load_weights(model, ema if use_ema else weights, ckpt)
+    total = meta.get("total_steps") if isinstance(meta, dict) else None
+    if not isinstance(total, int) or isinstance(total, bool) or total < 1:
+        raise IsynthError(f"{ckpt}: checkpoint metadata 'total_steps' must be an integer >= 1, got {total!r}")
+    meta = check_meta(meta, total, ckpt)
+    load_weights(model, ema if use_ema else weights, ckpt, "EMA weights" if use_ema else "weights")
     return model.to(device or default_device()).eval(), dataset, meta
 
 

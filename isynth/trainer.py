@@ -19,7 +19,17 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from isynth.checkpoint import CHECKPOINT, LOG, load_checkpoint, load_weights, prepare_run_dir, save_checkpoint
+from isynth.checkpoint import (
+    CHECKPOINT,
+    LOG,
+    check_meta,
+    check_optimizer,
+    check_state,
+    load_checkpoint,
+    load_weights,
+    prepare_run_dir,
+    save_checkpoint,
+)
 from isynth.config import RunConfig, TrainConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import Diverged, IsynthError
@@ -199,7 +209,10 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         weights, ema_w, opt_state, meta = load_checkpoint(ckpt)
+        meta = check_meta(meta, total, ckpt)
         load_weights(model, weights, ckpt)
+        check_state(ema, ema_w, ckpt, "EMA")
+        check_optimizer(opt, opt_state, ckpt)
         ema = {k: v.to(device) for k, v in ema_w.items()}
         opt.load_state_dict(opt_state)
         start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]

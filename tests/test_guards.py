@@ -209,3 +209,42 @@ def test_rar_loss_reads_the_drawn_permutation():
     torch.testing.assert_close(loss, expected)
     raster = F.cross_entropy(m.logits(tokens, labels).flatten(0, 1), tokens.flatten())
     assert abs(loss.item() - raster.item()) > 1e-4
+
+
+# --- 3. checkpoints validated on load -----------------------------------------------------------------
+
+def _edit_checkpoint(run_dir, change):
+    """Rewrite the run's checkpoint with `change(tensors, meta)` applied (as a user or a bad disk might)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    path = run_dir / "checkpoint.safetensors"
+    t = dict(tensors(run_dir))
+    with safe_open(path, framework="pt") as f:
+        md = f.metadata()
+    meta = json.loads(md["meta"])
+    change(t, meta)
+    save_file(t, path, metadata={**md, "meta": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("nan-weight", lambda t, m: t["model/net.blocks.0.mlp.fc1.weight"].fill_(float("nan")),
+     "weights tensor net.blocks.0.mlp.fc1.weight holds non-finite"),
+    ("nan-ema", lambda t, m: t.__setitem__("ema/net.norm.weight", t["ema/net.norm.weight"] * float("inf")),
+     "EMA tensor net.norm.weight holds non-finite"),
+    ("ema-dtype", lambda t, m: t.__setitem__("ema/net.norm.weight", t["ema/net.norm.weight"].double()),
+     "EMA tensor net.norm.weight is torch.float64"),
+    ("optim-shape", lambda t, m: t.__setitem__("optim/0/exp_avg", t["optim/0/exp_avg"][:1]), "optimizer tensor 0/exp_avg"),
+    ("optim-nan", lambda t, m: t["optim/1/exp_avg_sq"].fill_(float("nan")), "optimizer tensor 1/exp_avg_sq"),
+    ("step-negative", lambda t, m: m.__setitem__("step", -3), "'step' must be a finite integer >= 0"),
+    ("step-float", lambda t, m: m.__setitem__("step", 2.5), "'step' must be a finite integer"),
+    ("step-past-budget", lambda t, m: m.__setitem__("step", 10_000), "past this run's 10 steps"),
+    ("flops-string", lambda t, m: m.__setitem__("train_flops", "many"), "'train_flops'"),
+])
+def test_a_corrupt_checkpoint_is_refused_on_resume_with_its_tensor_named(tmp_path, name, change, message):
+    out = tmp_path / "run"
+    train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
+    _edit_checkpoint(out, change)
+    before = (out / "checkpoint.safetensors").read_bytes()
+    with pytest.raises(IsynthError, match=message):
+        train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
+    assert (out / "checkpoint.safetensors").read_bytes() == before
