@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 
 from isynth.claimcommand import claim as claim_command
 from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
@@ -259,8 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     except IsynthError as e:
         _error(e)
         return e.exit_code
-    except OSError as e:  # an unusable path given by the user (a file where a directory must be, no permission)
+    except OSError as e:  # an unusable path (a file where a directory must be, no permission), a full disk
         _error(e)
+        return 2
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        _error(f"out of memory ({type(e).__name__}: {str(e)[:200]}); lower train.batch_size or sample.batch_size")
+        return 2
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        _error(f"out of memory ({str(e)[:200]}); lower train.batch_size or sample.batch_size")
         return 2
     except click.exceptions.Abort:
         click.echo("isynth: interrupted", err=True)

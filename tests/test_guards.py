@@ -249,3 +249,40 @@ def test_a_corrupt_checkpoint_is_refused_on_resume_with_its_tensor_named(tmp_pat
     with pytest.raises(IsynthError, match=message):
         train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
     assert (out / "checkpoint.safetensors").read_bytes() == before
+
+
+# --- 6. resource exhaustion ---------------------------------------------------------------------------
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """ENOSPC from the writer (as a full filesystem raises it) in the second checkpoint write."""
+    import errno
+
+    import isynth.files as files
+    from isynth.cli import main
+    out = tmp_path / "run"
+    real, calls = files.save_file, []
+
+    def full(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(files, "save_file", full)
+    code = main(["train", "ar", "--preset", "tiny", "--steps", "20", "--out", str(out), "--quiet",
+                 "train.ckpt_every=10"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "No space left on device" in err[0]
+    assert meta_of(out)["step"] == 10 and not list(out.glob(".*.tmp"))
+
+
+def test_memory_exhaustion_is_one_line(tmp_path, monkeypatch, capsys):
+    from isynth.cli import main
+
+    def oom(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 bytes")
+
+    monkeypatch.setattr(trainer, "train_step", oom)
+    code = main(["train", "ar", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "batch_size" in err[0]
