@@ -141,13 +141,16 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "train.ema_decay must be in [0, 1)")
         check(self.grad_clip > 0, "train.grad_clip must be > 0")
         check(self.skip_nonfinite >= 0, "train.skip_nonfinite must be >= 0")
+        check(0 <= self.seed < 2**63, f"train.seed must be in [0, 2^63), got {self.seed}")
+        check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "train.beta1 and beta2 must be in [0, 1)")
+        check(self.weight_decay >= 0, "train.weight_decay must be >= 0")
+        check(self.eval_num_samples >= 4, "train.eval_num_samples must be >= 4 (k + 1 for precision and recall)")
         check((self.max_steps is None) != (self.train_flops is None),
               "set exactly one training budget: train.max_steps or train.train_flops")
         check(self.max_steps is None or self.max_steps > 0, f"train.max_steps must be > 0, got {self.max_steps}")
         check(self.train_flops is None or 0 < self.train_flops < math.inf,
               f"train.train_flops must be a finite number > 0, got {self.train_flops}")
         check(self.log_every > 0 and self.ckpt_every > 0, "train.log_every and train.ckpt_every must be > 0")
-        check(self.eval_num_samples > 0, "train.eval_num_samples must be > 0")
 
 
 M = TypeVar("M")  # a paradigm's training section (its `Config`)

@@ -5,6 +5,7 @@ wherever it comes from, and a field a config does not have is always an error.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -143,7 +144,18 @@ def _is_section(tp: object) -> bool:
 
 
 def _value(value: object, tp: object, name: str, parse: bool = True) -> object:
-    """`value` for a field of type `tp`: parsed from text where `parse` and it is a str, else type-checked."""
+    """`value` for a field of type `tp`: parsed from text where `parse` and it is a str, else type-checked.
+    Every number must be finite and every integer fit in 64 bits: no setting of isynth means anything by
+    infinity or NaN (a CFG scale of inf gave blank images), from the command line or a config.json."""
+    v = _typed(value, tp, name, parse)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise IsynthError(f"invalid value {value!r} for {name}: must be a finite number")
+    if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+        raise IsynthError(f"invalid value {value!r} for {name}: must fit in 64 bits")
+    return v
+
+
+def _typed(value: object, tp: object, name: str, parse: bool) -> object:
     if parse and isinstance(value, str):
         return _parse(value, tp, name)
     origin = typing.get_origin(tp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -286,3 +287,43 @@ def test_memory_exhaustion_is_one_line(tmp_path, monkeypatch, capsys):
     code = main(["train", "ar", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "batch_size" in err[0]
+
+
+# --- 2. every number validated where it enters --------------------------------------------------------
+
+@pytest.mark.parametrize("setting,message", [
+    ("sample.guidance.scale=inf", "sample.guidance.scale: must be a finite number"),
+    ("sample.guidance.scale=nan", "must be a finite number"),
+    ("sample.guidance.scale=-1", "sample.guidance.scale"),
+    ("sample.guidance.pow=inf", "must be a finite number"),
+    ("train.lr=nan", "train.lr: must be a finite number"),
+    ("train.lr=0", "train.lr must be > 0"),
+    ("train.seed=-1", r"train.seed must be in \[0, 2\^63\)"),
+    ("train.seed=99999999999999999999", "must fit in 64 bits"),
+    ("train.seed=1.5", "train.seed"),
+    ("train.beta1=1.0", r"beta1 and beta2 must be in \[0, 1\)"),
+    ("train.beta2=-0.1", "beta1 and beta2"),
+    ("train.weight_decay=-1", "weight_decay"),
+    ("train.ema_decay=1", "ema_decay"),
+    ("train.grad_clip=inf", "must be a finite number"),
+    ("train.batch_size=0", "batch_size"),
+    ("train.batch_size=true", "train.batch_size"),
+    ("train.skip_nonfinite=-2", "skip_nonfinite"),
+    ("train.eval_num_samples=2", "eval_num_samples must be >= 4"),
+    ("train.lr_schedule=linear", "choose one of|one of"),
+    ("model.width=nan", "model.width"),
+    ("model.mlp_ratio=inf", "must be a finite number"),
+    ("model.dropout=1.0", "dropouts"),
+    ("method.mask_ratio_mean=inf", "must be a finite number"),
+    ("method.mask_ratio_std=nan", "must be a finite number"),
+    ("sample.num_steps=0", "num_steps"),
+    ("sample.head.temperature=inf", "must be a finite number"),
+])
+def test_bad_numbers_are_one_line_and_leave_nothing(tmp_path, capsys, setting, message):
+    from isynth.cli import main
+    out = tmp_path / "run"
+    code = main(["train", "mar", "--preset", "tiny", "--steps", "2", "--out", str(out), "--quiet", setting])
+    err = capsys.readouterr().err.splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("isynth: error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not out.exists()
