@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from isynth.claimlist import CLAIMS
+from isynth.claimreport import write_claim_report
 from isynth.claimrun import run_claim
 from isynth.errors import IsynthError
 
@@ -18,8 +19,10 @@ from isynth.errors import IsynthError
 @click.option("--preset", default=None, help="Model preset instead of the claim's (e.g. tiny, for a smoke test).")
 @click.option("--flops", type=float, default=None, help="Training FLOPs instead of the claim's (per-arm ratios kept).")
 @click.option("--num-samples", type=int, default=None, help="Samples per evaluation (default: the claim's).")
+@click.option("--report", "report_only", is_flag=True,
+              help="Only redraw the figure and report.html from an existing verdict.json.")
 @click.option("--quiet", is_flag=True)
-def claim(claim_id, list_, seeds, out, preset, flops, num_samples, quiet):
+def claim(claim_id, list_, seeds, out, preset, flops, num_samples, report_only, quiet):
     """Re-measure a published claim at small scale and print its verdict with the effect's 95% interval."""
     if list_:
         for c in CLAIMS.values():
@@ -32,6 +35,9 @@ def claim(claim_id, list_, seeds, out, preset, flops, num_samples, quiet):
     if not 1 <= seeds <= 100:
         raise IsynthError(f"--seeds must be between 1 and 100, got {seeds}")
     c = CLAIMS[claim_id]
+    if report_only:
+        click.echo(write_claim_report(c, out or Path("runs/claims") / claim_id))
+        return
     v = run_claim(c, out or Path("runs/claims") / claim_id, list(range(seeds)), preset, flops, progress=not quiet,
                   num_samples=num_samples)
     click.echo(f"{c.id} ({c.paper}): {c.statement}")

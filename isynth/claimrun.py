@@ -1,6 +1,6 @@
 """`isynth claim ID`: run a claim's arms for each seed (ordinary run directories under --out; re-running
 resumes), evaluate them with the same code as `isynth eval`, and write the verdict (isynth.claims) to
-`verdict.json`.
+`verdict.json`, with a figure and an HTML report (isynth.claimreport).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 import torch
 
+from isynth.claimreport import write_claim_report
 from isynth.claims import Claim, judge
 from isynth.errors import IsynthError
 from isynth.files import atomic_write_text
@@ -84,4 +85,5 @@ def run_claim(claim: Claim, out: Path, seeds: list[int], preset: str | None = No
                                                           "train_flops", "step")} for s, row in v.items()}
                    for a, v in values.items()}}
     atomic_write_text(out / VERDICT, json.dumps(verdict, indent=2) + "\n")
+    write_claim_report(claim, out)
     return verdict

@@ -265,3 +265,23 @@ def sample_grid_sheet(grids: Sequence[tuple[str, str | Path]], stem: str | Path,
         ax.set_title(label, fontsize=8)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def claim_arms(values: dict[str, dict[str, dict]], metrics: Sequence[str], stem: str | Path) -> list[Path]:
+    """One panel per metric: each arm's value at every seed (dots) and their mean (bar), arms in the claim's
+    order (`isynth claim`: values[arm][seed] = that run's metrics row)."""
+    arms = list(values)
+    fig = Figure(figsize=(max(4.0, 1.1 * len(arms)) * len(metrics), 3.6))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics):
+        for i, arm in enumerate(arms):
+            ys = [row[metric] for row in values[arm].values() if row.get(metric) is not None]
+            if not ys:
+                continue
+            ax.bar(i, float(np.mean(ys)), color=FALLBACK[i % len(FALLBACK)], alpha=0.35, width=0.7)
+            ax.plot([i] * len(ys), ys, "o", color=FALLBACK[i % len(FALLBACK)], ms=4)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(axis_label(metric))
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, stem)

@@ -88,6 +88,7 @@ def test_every_claim_command_at_a_tiny_budget(tmp_path):
         ok(result)
         v = json.loads((tmp_path / cid / "verdict.json").read_text())
         assert VERDICT_KEYS <= v.keys() and v["claim"] == cid
+        assert (tmp_path / cid / "report.html").is_file() and (tmp_path / cid / "arms.png").is_file()
         assert len(v["tests"]) == len(CLAIMS[cid].tests)
         assert result.stdout.strip().splitlines()[-1].startswith("verdict: ")
         if cid != "C5":
@@ -106,3 +107,4 @@ def test_claim_bad_input(tmp_path):
     assert_error(run_cli("claim", "C1", "--seeds", "0"), "--seeds")
     assert_error(run_cli("claim", "C1", "--flops", "inf"), "--flops")
     assert "C10" in ok(run_cli("claim", "--list")).stdout
+    assert_error(run_cli("claim", "C4", "--report", "--out", tmp_path / "none"), "no verdict.json", "isynth claim C4")
