@@ -27,18 +27,29 @@ def writer_lock(directory: str | os.PathLike) -> Iterator[None]:
 
     An exclusive `flock` on `.<name>.lock` beside the directory, so it works before the directory exists
     and never touches its contents; the OS releases it when the process ends, however it ends, so a killed
-    writer leaves no stale lock. The file names its holder for the refusal a second writer gets."""
+    writer leaves no stale lock (at most an unlocked file, reused by the next writer). The file names its
+    holder for the refusal a second writer gets, and is removed on release. A process that locked the file
+    just as the holder removed it sees that the path no longer names its file, and tries again."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    f = open(directory.parent / f".{directory.name}.lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise IsynthError(f"{directory} is being written by {holder}; wait for it to end or use another "
-                          "directory") from None
+    path = directory.parent / f".{directory.name}.lock"
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise IsynthError(f"{directory} is being written by {holder}; wait for it to end or use another "
+                              "directory") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()  # the holder removed the file between our open and our lock: lock the new one
     try:
         f.seek(0)
         f.truncate()
@@ -47,6 +58,7 @@ def writer_lock(directory: str | os.PathLike) -> Iterator[None]:
         f.flush()
         yield
     finally:
+        path.unlink(missing_ok=True)  # while still holding it: a waiting writer then re-opens a fresh file
         f.close()  # closing the descriptor releases the lock
 
 

@@ -116,6 +116,7 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_directory(tmp_path
                 pass
     with writer_lock(out):  # released with the block
         pass
+    assert not list(tmp_path.glob(".*.lock"))  # and its file removed
 
 
 def test_a_killed_writer_leaves_no_stale_lock(tmp_path, cache):
