@@ -9,18 +9,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
-from isynth.config import RunConfig
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text, read_json
+from isynth.files import atomic_save_tensors, read_json
 
 CONFIG, CHECKPOINT, LOG = "config.json", "checkpoint.safetensors", "log.jsonl"
 
@@ -34,37 +30,6 @@ def config_changes(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{prefix}{k}: {va!r} -> {vb!r}")
     return out
-
-
-def prepare_run_dir(out: Path, run: RunConfig) -> bool:
-    """Create `out` with config.json, or check an existing run has the same config. True if resuming."""
-    out = Path(out)
-    cfg_path = out / CONFIG
-    if cfg_path.is_file():
-        from isynth.paradigms import run_from_dict  # the paradigms import this module
-
-        saved = run_from_dict(read_config_dict(out)).to_dict()  # settings added since take their defaults
-        changes = config_changes(saved, run.to_dict())
-        if changes:
-            raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "
-                              "use a new --out directory")
-        remove_stale_temps(out)
-        return True
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise IsynthError(f"{out} exists and is not an isynth run directory; use a new --out directory")
-    # Build the directory beside its final name and rename it into place: never a half-made run.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)
-        atomic_write_text(tmp / CONFIG, run.to_json())
-        if out.exists():
-            out.rmdir()  # empty directory made by the user
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return False
 
 
 def remove_stale_temps(run_dir: Path) -> None:

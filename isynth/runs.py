@@ -2,17 +2,30 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from isynth.checkpoint import CHECKPOINT, CONFIG, check_meta, load_checkpoint, load_weights, read_config_dict
+from isynth.checkpoint import (
+    CHECKPOINT,
+    CONFIG,
+    check_meta,
+    config_changes,
+    load_checkpoint,
+    load_weights,
+    read_config_dict,
+    remove_stale_temps,
+)
 from isynth.conditions import Conditions
 from isynth.config import RunConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import IsynthError
+from isynth.files import atomic_write_text
 from isynth.hardware import default_device
 from isynth.paradigms import build_paradigm, run_from_dict
 from isynth.paradigms.base import Paradigm
@@ -26,6 +39,35 @@ def read_run_config(run_dir: Path) -> RunConfig:
         return run_from_dict(data)
     except IsynthError as e:
         raise IsynthError(f"{Path(run_dir) / CONFIG}: {e}") from None
+
+
+def prepare_run_dir(out: Path, run: RunConfig) -> bool:
+    """Create `out` with config.json, or check an existing run has the same config. True if resuming."""
+    out = Path(out)
+    cfg_path = out / CONFIG
+    if cfg_path.is_file():
+        saved = read_run_config(out).to_dict()  # settings added since take their defaults
+        changes = config_changes(saved, run.to_dict())
+        if changes:
+            raise IsynthError(f"{out} holds a run with a different config ({'; '.join(changes[:3])}); "
+                              "use a new --out directory")
+        remove_stale_temps(out)
+        return True
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise IsynthError(f"{out} exists and is not an isynth run directory; use a new --out directory")
+    # Build the directory beside its final name and rename it into place: never a half-made run.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)
+        atomic_write_text(tmp / CONFIG, run.to_json())
+        if out.exists():
+            out.rmdir()  # empty directory made by the user
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return False
 
 
 def load_trained(run_dir: Path, use_ema: bool = True, device: torch.device | None = None

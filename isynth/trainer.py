@@ -27,7 +27,6 @@ from isynth.checkpoint import (
     check_state,
     load_checkpoint,
     load_weights,
-    prepare_run_dir,
     save_checkpoint,
 )
 from isynth.config import RunConfig, TrainConfig
@@ -37,6 +36,7 @@ from isynth.files import atomic_write_text, writer_lock
 from isynth.hardware import default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
+from isynth.runs import prepare_run_dir
 from isynth.tokenizers.build import build_tokenizer
 
 
