@@ -46,6 +46,10 @@ def prepare_run_dir(out: Path, run: RunConfig) -> bool:
     out = Path(out)
     cfg_path = out / CONFIG
     if cfg_path.is_file():
+        raw = read_config_dict(out)
+        if raw.get("paradigm") != run.paradigm:
+            raise IsynthError(f"{out} holds a run with a different config (paradigm: {raw.get('paradigm')!r} -> "
+                              f"{run.paradigm!r}); use a new --out directory")
         saved = read_run_config(out).to_dict()  # settings added since take their defaults
         changes = config_changes(saved, run.to_dict())
         if changes:

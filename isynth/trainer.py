@@ -209,10 +209,10 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
     ckpt = out / CHECKPOINT
     if ckpt.exists():
         weights, ema_w, opt_state, meta = load_checkpoint(ckpt)
-        meta = check_meta(meta, total, ckpt)
-        load_weights(model, weights, ckpt)
+        load_weights(model, weights, ckpt)  # another config's checkpoint is named as such first
         check_state(ema, ema_w, ckpt, "EMA")
         check_optimizer(opt, opt_state, ckpt)
+        meta = check_meta(meta, total, ckpt)
         ema = {k: v.to(device) for k, v in ema_w.items()}
         opt.load_state_dict(opt_state)
         start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]
