@@ -42,7 +42,7 @@ def test_overrides_parse_types():
     ("model.num_heads=3", "divisible"),
     ("train.max_steps=0", "must be > 0"),
     ("train.train_flops=-5", "must be a finite number > 0"),
-    ("train.train_flops=inf", "must be a finite number > 0"),
+    ("train.train_flops=inf", "train.train_flops: must be a finite number"),
     ("method.head.width=8", "not used by this run"),  # discrete tokens: the softmax head has no settings
     ("sample.head.steps=8", "unknown config field 'sample.head.steps'"),
     ("width", "expected section.field=value"),
