@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,6 +229,16 @@ def _edit_checkpoint(run_dir, change):
     save_file(t, path, metadata={**md, "meta": json.dumps(meta)})
 
 
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache):
+    """A finished 10-step run whose checkpoint each case corrupts in a copy."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ISYNTH_CACHE", str(cache))
+        train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
+    return out
+
+
 @pytest.mark.parametrize("name,change,message", [
     ("nan-weight", lambda t, m: t["model/net.blocks.0.mlp.fc1.weight"].fill_(float("nan")),
      "weights tensor net.blocks.0.mlp.fc1.weight holds non-finite"),
@@ -243,9 +254,8 @@ def _edit_checkpoint(run_dir, change):
     ("step-past-budget", lambda t, m: m.__setitem__("step", 10_000), "past this run's 10 steps"),
     ("flops-string", lambda t, m: m.__setitem__("train_flops", "many"), "'train_flops'"),
 ])
-def test_a_corrupt_checkpoint_is_refused_on_resume_with_its_tensor_named(tmp_path, name, change, message):
-    out = tmp_path / "run"
-    train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
+def test_a_corrupt_checkpoint_is_refused_on_resume_with_its_tensor_named(finished, tmp_path, name, change, message):
+    out = shutil.copytree(finished, tmp_path / "run")
     _edit_checkpoint(out, change)
     before = (out / "checkpoint.safetensors").read_bytes()
     with pytest.raises(IsynthError, match=message):
