@@ -17,6 +17,7 @@ codebook averaged across dead-code replacements would hold vectors no encoder ou
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 
 from isynth.checkpoint import CHECKPOINT, LOG, config_changes, load_checkpoint, load_weights, save_checkpoint
 from isynth.data import ImageDataset, load_dataset
-from isynth.errors import IsynthError
+from isynth.errors import Diverged, IsynthError
 from isynth.eval.features import get_feature_net
 from isynth.eval.images import save_grid
 from isynth.eval.metrics import frechet_distances
@@ -49,6 +50,7 @@ from isynth.tokenizers.store import FORMAT, MANIFEST
 from isynth.tokenizers.trainconfig import TokenizerTrainConfig
 from isynth.trainer import (
     BatchOrder,
+    all_finite,
     append_log,
     autocast_for,
     build_optimizer,
@@ -172,7 +174,7 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, progress: bool =
         torch.manual_seed(step_seed(t.seed, step, 0))
         idx = torch.from_numpy(order.indices(step)).to(device)
         lr = lr_at(step, total, t)
-        window.append(train_step(objective, net, opt, images[idx], None, lr, t.grad_clip, amp))
+        window.append(train_step(objective, net, opt, images[idx], None, lr, t.grad_clip, amp)[0])
         with torch.no_grad():
             torch._foreach_lerp_(averaged, live, 1.0 - ema_decay_at(step, t.ema_decay))
         flops_done += per_image * t.batch_size
@@ -181,7 +183,11 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, progress: bool =
         if done % t.log_every == 0 or done == total:
             dt = time.perf_counter() - t0
             elapsed += dt
-            rec = {"step": done, "loss": round(torch.stack(window).mean().item(), 5), "lr": lr,
+            mean_loss = torch.stack(window).mean().item()
+            if not math.isfinite(mean_loss):  # as the generator's trainer: stop, keep the last good checkpoint
+                raise Diverged(f"tokenizer training diverged by step {done}: the loss is not finite; the last "
+                               "checkpoint is kept (lower train.lr)")
+            rec = {"step": done, "loss": round(mean_loss, 5), "lr": lr,
                    "train_flops": flops_done, "samples_per_s": round(len(window) * t.batch_size / dt, 2),
                    "elapsed_s": round(elapsed, 2)}
             lines.append(json.dumps(rec))
@@ -190,6 +196,9 @@ def train_tokenizer(cfg: TokenizerTrainConfig, out: str | Path, progress: bool =
         if done % t.ckpt_every == 0 or done == total:
             t_ckpt = time.perf_counter()
             state = net.state_dict()
+            if not all_finite([v for v in state.values() if v.is_floating_point()]):
+                raise Diverged(f"tokenizer training diverged by step {done}: the weights are not finite; the "
+                               "last checkpoint is kept (lower train.lr)")
             ema.update({k: v.detach().clone() for k, v in state.items() if k not in params})  # live buffers
             append_log(out / LOG, lines)
             lines = []
