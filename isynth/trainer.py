@@ -253,10 +253,9 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay_at(step, cfg.ema_decay))
         flops_done += s.flops_per_sample * cfg.batch_size
-        good = (~bad).float()
         window_loss += torch.where(bad, 0.0, loss)
         window_norm += torch.where(bad, 0.0, norm)
-        window_good += good
+        window_good += (~bad).float()
         first_bad = torch.where((bad_count == 0) & bad, step + 1, first_bad)
         bad_count += bad.long()
         window_n += 1
