@@ -12,19 +12,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 
 import torch
 
 from isynth.conditions import Conditions
 from isynth.data import load_dataset
-from isynth.hardware import default_device, peak_flops
+from isynth.hardware import autocast_for, default_device, peak_flops
 from isynth.overrides import apply
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
 from isynth.tokenizers.build import build_tokenizer
 from isynth.tokenizers.fixed import ShapeOnly
-from isynth.trainer import autocast_for, build_optimizer, train_step
+from isynth.trainer import build_optimizer, prepare_training, train_step
 
 
 def sync(device):
@@ -39,36 +40,54 @@ def main():
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--vocab-size", type=int, default=1024)
     ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--token-dim", type=int, default=16, help="continuous tokens' width (MAR's KL-16: 16)")
     ap.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--sample-batch", type=int, default=0, help="also time sampling at this batch (KV cache + CFG)")
+    ap.add_argument("--profile", action="store_true", help="print the top GPU kernels of 3 steps (torch.profiler)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
 
     device = default_device()
     run = make_run(args.paradigm, args.preset, args.overrides)
+    discrete = run.tokenizer.kind == "grey"
     if args.seq_len:
-        tokenizer, classes = ShapeOnly(args.seq_len, args.vocab_size), Conditions.classes(args.num_classes)
+        tokenizer = ShapeOnly(args.seq_len, args.vocab_size if discrete else 0, 1 if discrete else args.token_dim,
+                              discrete)
+        classes = Conditions.classes(args.num_classes)
     else:
         ds = load_dataset(run.data)
         tokenizer, classes = build_tokenizer(run.tokenizer, ds.image_shape), ds.conditions
     torch.manual_seed(0)
     model = build_paradigm(run, tokenizer, classes).to(device).train()
     model.set_progress(0, 1)
+    prepare_training(model, run.train, device)  # train.compile (auto: on CUDA), checkpoint_activations
     batch = args.batch or run.train.batch_size
     opt = build_optimizer(model, run.train, device)
     amp = autocast_for(device)
-    tokens = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.seq_len), device=device)
+    tokens = torch.randint(0, tokenizer.vocab_size, (batch, tokenizer.seq_len), device=device) if discrete else \
+        torch.randn(batch, tokenizer.seq_len, tokenizer.token_dim, device=device)
     labels = torch.randint(0, classes.num_classes, (batch,), device=device)
-    for _ in range(args.warmup):
-        train_step(model, model, opt, tokens, labels, run.train.lr, run.train.grad_clip, amp)
+    cfg = run.train
+
+    def step():
+        train_step(model, model, opt, tokens, labels, cfg.lr, cfg.grad_clip, amp, accum=cfg.grad_accum)
+
+    for _ in range(args.warmup):  # with train.compile: compilation happens here
+        step()
     sync(device)
     t0 = time.perf_counter()
     for _ in range(args.steps):
-        train_step(model, model, opt, tokens, labels, run.train.lr, run.train.grad_clip, amp)
+        step()
     sync(device)
     seconds = time.perf_counter() - t0
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            for _ in range(3):
+                step()
+            sync(device)
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25), file=sys.stderr)
     peak, how = peak_flops(device)
     fps = model.train_flops_per_sample()
     achieved = fps * batch * args.steps / seconds
@@ -79,8 +98,9 @@ def main():
            "mfu": round(achieved / peak, 4), "device": str(device),
            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    out["compile"] = run.train.compile
     if args.sample_batch:
-        model.eval()
+        model = model.eval()
         s = apply(run.sample, {"kv_cache": True, "guidance.scale": max(run.sample.guidance.scale, 1.5)}, "sample.")
         lab = torch.arange(args.sample_batch, device=device) % classes.num_classes
         with amp:

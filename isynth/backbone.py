@@ -8,16 +8,27 @@ optional qk-norm (RAR reference) and optional adaLN-Zero conditioning (DiT, Peeb
 GET (Geng et al. 2023) conditions by adding vectors to each block's qkv (`qkv_add`) and iterates the blocks to a
 fixed point without the final norm (`final_norm=False`).
 Incremental decoding writes keys/values into preallocated buffers (`KVCache`): no per-step concatenation.
+After the prefix, `decode` feeds one position at a device-side index and attends to a bucket of cache
+positions (a multiple of KEY_BUCKET) through a length mask, so steps in one bucket have the same shapes: no
+per-step re-planning of attention, and one CUDA graph serves every step of a bucket (`isynth.graphs`).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from isynth.config import ModelConfig
 from isynth.flops import matmul_flops
 from isynth.layers import init_weights, modulate, zero_init
+
+KEY_BUCKET = 32  # decoding attends to the cache in buckets of this many positions
+
+
+def decode_keys(position: int, max_len: int) -> int:
+    """Cache positions a decoding step at `position` attends to: the next multiple of KEY_BUCKET."""
+    return min(max_len, (position // KEY_BUCKET + 1) * KEY_BUCKET)
 
 
 class KVCache:
@@ -26,9 +37,19 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype=torch.float32):
         hd = cfg.width // cfg.num_heads
         shape = (cfg.depth, batch, cfg.num_heads, max_len, hd)
-        self.k = torch.empty(shape, device=device, dtype=dtype)
-        self.v = torch.empty(shape, device=device, dtype=dtype)
-        self.length = 0  # positions already written
+        # zeros, not empty: `decode` attends to the whole buffer with the unwritten positions masked, and a
+        # masked NaN in uninitialised memory would still reach the output as 0 * NaN
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions already written by `write` (the prefix)
+        # set by Transformer.decode for one static-shape step: the write index (1,) and the key mask
+        self.position: Tensor | None = None
+        self.key_mask: Tensor | None = None
+        self.keys = max_len
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
 
     def write(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Store k, v (B, h, T, hd) after the cached prefix and return views of the whole prefix."""
@@ -38,6 +59,14 @@ class KVCache:
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def write_at(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store one position's k, v (B, h, 1, hd) at the device index `position` and return the first
+        `keys` positions of the buffers; those past `position` are masked by `key_mask`."""
+        # under autocast qk-norm's LayerNorm returns fp32 keys: stored in the cache's dtype (bf16)
+        self.k[layer].index_copy_(2, self.position, k.to(self.k.dtype))
+        self.v[layer].index_copy_(2, self.position, v.to(self.v.dtype))
+        return self.k[layer, :, :, :self.keys], self.v[layer, :, :, :self.keys]
 
 
 class Attention(nn.Module):
@@ -59,7 +88,10 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         mask, is_causal = None, causal
-        if cache is not None:
+        if cache is not None and cache.position is not None:  # a static-shape decoding step
+            k, v = cache.write_at(layer, k, v)
+            mask, is_causal = cache.key_mask, False
+        elif cache is not None:
             start = cache.length
             k, v = cache.write(layer, k, v)
             if start > 0 and causal and t > 1:  # a block of new queries after a cached prefix
@@ -123,6 +155,14 @@ class Transformer(nn.Module):
         self.apply(init_weights)
         if cfg.adaln:  # adaLN-Zero: every block starts as the identity
             zero_init(*[blk.modulation for blk in self.blocks], self.final_modulation)
+        self.checkpoint_activations = False  # set by the trainer (train.checkpoint_activations)
+        self._compiled = None  # the compiled training forward (train.compile)
+
+    def compile_training(self) -> None:
+        """Compile the training forward (no KV cache) with torch.compile: Inductor fuses the norms, the
+        adaLN modulation, GELU and the residual adds around the matmuls and flash attention. Sampling and
+        evaluation stay eager (their per-step shapes are served by CUDA graphs instead)."""
+        self._compiled = torch.compile(self._forward)
 
     def forward(self, x: Tensor, c: Tensor | None = None, causal: bool = False, cache: KVCache | None = None,
                 qkv_add: Tensor | list[Tensor] | None = None, final_norm: bool = True) -> Tensor:
@@ -134,12 +174,38 @@ class Transformer(nn.Module):
         residual stream of the last block (GET's equilibrium state)."""
         if self.cfg.adaln and c is None:
             raise ValueError("this backbone uses adaLN and needs a condition vector c")
+        if self._compiled is not None and self.training and cache is None:
+            return self._compiled(x, c, causal, None, qkv_add, final_norm)
+        return self._forward(x, c, causal, cache, qkv_add, final_norm)
+
+    def _forward(self, x: Tensor, c: Tensor | None, causal: bool, cache: KVCache | None,
+                 qkv_add: Tensor | list[Tensor] | None, final_norm: bool) -> Tensor:
         per_block = qkv_add if isinstance(qkv_add, (list, tuple)) else [qkv_add] * len(self.blocks)
+        recompute = self.checkpoint_activations and self.training and torch.is_grad_enabled()
         for i, blk in enumerate(self.blocks):
-            x = blk(x, c, causal, cache, i, per_block[i])
+            if recompute:  # activations of the block are recomputed in the backward pass (same dropout masks)
+                x = checkpoint(blk, x, c, causal, None, i, per_block[i], use_reentrant=False)
+            else:
+                x = blk(x, c, causal, cache, i, per_block[i])
         if cache is not None:
             cache.length += x.shape[1]
         return self.final(x, c) if final_norm else x
+
+    def decode(self, x: Tensor, c: Tensor | None, cache: KVCache, position: Tensor, keys: int) -> Tensor:
+        """One new position per sequence, x (B, 1, C), at sequence index `position` ((1,) long, on the
+        device): its keys and values go into the cache there, and it attends to the first `keys` cache
+        positions (`decode_keys`: a multiple of KEY_BUCKET past `position`) with those after `position`
+        masked. The shapes depend only on the bucket, so the attention kernel is planned once per bucket and
+        one CUDA graph per bucket serves all its steps, while a step reads little more of the cache than it
+        needs (decoding is bandwidth-bound). Returns (B, 1, C)."""
+        cache.position, cache.keys = position, keys
+        cache.key_mask = (torch.arange(keys, device=x.device) <= position).view(1, 1, 1, keys)  # (1, 1, 1, keys)
+        try:
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, c, False, cache, i)
+        finally:
+            cache.position = cache.key_mask = None
+        return self.final(x, c)
 
     def final(self, x: Tensor, c: Tensor | None = None) -> Tensor:
         """The output norm (adaLN-modulated when the blocks are)."""
@@ -170,14 +236,19 @@ class Transformer(nn.Module):
         return a, b, self.flops(1, 1, per_position=per_position) - a - b
 
     def decode_flops(self, prefix: int, steps: int, cached: bool, per_position: bool = False) -> int:
-        """Inference FLOPs of `steps` causal decoding steps after a `prefix`-position start: with a KV cache
-        the first step runs the prefix and each later one a single query over all keys so far; without,
-        each step runs the whole sequence so far (k + i positions at step i)."""
+        """Inference FLOPs of `steps` causal decoding steps after a `prefix`-position start. With a KV cache
+        the first step runs the prefix and step i >= 1 (`decode`) a single query at position k - 1 + i over
+        its bucket of `decode_keys` positions, the ones not yet written masked but computed (counted as
+        computed); without, each step runs the whole sequence so far (k + i positions at step i)."""
         a, b, c = self.flops_terms(per_position)
         k, n = prefix, steps
+        if cached:  # step 0: f(k, k); step i >= 1: f(1, keys(k - 1 + i)), summed bucket by bucket
+            length, keys = k + n - 1, 0
+            for lo in range(0, length, KEY_BUCKET):  # positions lo .. lo + KEY_BUCKET - 1 share a bucket
+                first, last = max(lo, k), min(lo + KEY_BUCKET - 1, length - 1)
+                keys += max(0, last - first + 1) * decode_keys(lo, length)
+            return self.flops(k, k, per_position=per_position) + (n - 1) * (a + b) + c * keys
         s1 = n * k + n * (n - 1) // 2  # sum of k + i over i < n
-        if cached:  # step 0: f(k, k); step i >= 1: f(1, k + i)
-            return self.flops(k, k, per_position=per_position) + (n - 1) * (a + b) + c * (s1 - k)
         s2 = n * k * k + k * n * (n - 1) + (n - 1) * n * (2 * n - 1) // 6  # sum of (k + i)^2 over i < n
         return n * a + b * s1 + c * s2
 

@@ -132,9 +132,16 @@ class TrainConfig:
     # Batches with a non-finite loss or gradient norm: 0 stops training at the first (exit 3, the last good
     # checkpoint kept); N > 0 skips up to N of them without an update, as large-scale trainers do.
     skip_nonfinite: int = 0
+    # torch.compile of the backbone's training forward: auto = on CUDA only (on CPU the eager fp32 path
+    # keeps bit-exact resumption and compiling costs more than it saves at laptop sizes)
+    compile: Literal["auto", "on", "off"] = "auto"
+    grad_accum: int = 1           # micro-batches per optimizer step (the global batch is split further)
+    checkpoint_activations: bool = False  # recompute each block in the backward pass (memory for compute)
 
     def __post_init__(self):
         check(self.batch_size > 0, "train.batch_size must be > 0")
+        check(self.grad_accum >= 1 and self.batch_size % self.grad_accum == 0,
+              f"train.grad_accum must be >= 1 and divide train.batch_size={self.batch_size}, got {self.grad_accum}")
         check(0 < self.lr < math.inf and 0 <= self.min_lr <= self.lr,
               "train.lr must be > 0 and 0 <= train.min_lr <= lr")
         check(0 <= self.warmup_fraction < 1, "train.warmup_fraction must be in [0, 1)")

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from isynth.config import check
 from isynth.embeddings import TimestepEmbedder
 from isynth.flops import matmul_flops
+from isynth.graphs import StepGraphs, weights_key
 from isynth.guidance import guide
 from isynth.layers import init_weights, modulate, zero_init
 from isynth.schedulers import fresh_scheduler
@@ -127,6 +128,7 @@ class DiffusionHead(nn.Module):
         zero_init(*[blk.modulation for blk in self.net.blocks], self.net.final_modulation, self.net.out_proj)
         # Non-persistent: fixed by the schedule, kept out of checkpoints, follows .to(device).
         self.register_buffer("alphas_cumprod", cosine_alphas_cumprod(), persistent=False)
+        self.graphs = StepGraphs()  # each sampling step's denoiser call, graphed (isynth.graphs)
 
     def loss(self, z: Tensor, target: Tensor) -> Tensor:
         """Per-token eps-MSE (M,) for z (M, cond_width) and clean tokens (M, token_dim); uses the global RNG."""
@@ -165,8 +167,11 @@ class DiffusionHead(nn.Module):
         """Guided eps (B, D) at timestep t for x (B, D); cond is (B, W), or (2B, W) with cfg_weight."""
         t_row = torch.full((1,), t, device=x.device)  # the time embedding is the same for every row
         if cfg_weight is None:
-            return self.net(x, t_row, cond).float()
-        eps_c, eps_u = self.net(torch.cat([x, x]), t_row, cond).float().chunk(2)  # 2 x (B, D); one x_t (MAR)
+            # a copy: multistep solvers keep past outputs, and the next replay overwrites the graph's buffer
+            eps = self.graphs.run("eps", self.net, x, t_row, cond, weights=weights_key(self))
+            return eps.to(torch.float32, copy=True)
+        eps = self.graphs.run("eps", self.net, torch.cat([x, x]), t_row, cond, weights=weights_key(self))
+        eps_c, eps_u = eps.float().chunk(2)  # 2 x (B, D); one x_t (MAR)
         return guide(eps_c, eps_u, cfg_weight)
 
     # FLOPs: `matmul_flops` per Linear; in training a layer reading noisy tokens or time features has no

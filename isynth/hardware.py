@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -24,6 +25,11 @@ def cache_dir() -> Path:
     """Where measured peaks and feature nets are cached: $ISYNTH_CACHE, else ~/.cache/isynth."""
     env = os.environ.get("ISYNTH_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "isynth"
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are ~100x slower than fp32 (BENCHMARKS.md)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
 def default_device() -> torch.device:

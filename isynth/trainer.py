@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from isynth.backbone import Transformer
 from isynth.checkpoint import (
     CHECKPOINT,
     LOG,
@@ -33,7 +34,7 @@ from isynth.config import RunConfig, TrainConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import Diverged, IsynthError
 from isynth.files import atomic_write_text, writer_lock
-from isynth.hardware import default_device, init_distributed, peak_flops
+from isynth.hardware import autocast_for, default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
 from isynth.runs import prepare_run_dir
@@ -135,28 +136,39 @@ def build_optimizer(model: Paradigm, cfg: TrainConfig, device: torch.device) -> 
 
 
 def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: float, amp,
-               skip_nonfinite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               skip_nonfinite: bool = False, accum: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step (forward under `amp`, backward, clipping, AdamW). Returns the detached loss, the
     gradient norm before clipping and whether either is non-finite, all on the device: no host sync.
+    With `accum` > 1 the batch runs as that many micro-batches whose gradients add up (each loss scaled by
+    1 / accum; DDP synchronises only the last backward).
     With `skip_nonfinite` a bad batch makes no update: the fused AdamW reads `found_inf` on the device (the
     mechanism of torch.amp.GradScaler) and leaves weights, moments and step count as they were."""
     for g in opt.param_groups:
         g["lr"] = lr
-    with amp:
-        loss = ddp(tokens, labels)
-    loss.backward()
+    total = torch.zeros((), device=tokens.device)
+    for i, (tok, lab) in enumerate(zip(tokens.chunk(accum), labels.chunk(accum))):
+        last = i == accum - 1
+        with amp, (ddp.no_sync() if not last and ddp is not model else nullcontext()):
+            loss = ddp(tok, lab)
+        (loss / accum).backward()
+        total += loss.detach().float() / accum
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    bad = ~(torch.isfinite(norm) & torch.isfinite(loss.detach()))  # a NaN loss gives a NaN norm too
+    bad = ~(torch.isfinite(norm) & torch.isfinite(total))  # a NaN loss gives a NaN norm too
     if skip_nonfinite:
         opt.found_inf = bad.float()
     opt.step()
     opt.zero_grad(set_to_none=True)
-    return loss.detach(), norm.detach(), bad
+    return total, norm.detach(), bad
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA; fp32 on CPU, where bf16 matmuls are ~100x slower than fp32 (BENCHMARKS.md)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+def prepare_training(model: Paradigm, cfg: TrainConfig, device: torch.device) -> None:
+    """Compilation (train.compile; auto: on CUDA) and activation checkpointing of every backbone stack."""
+    use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+    for m in model.modules():
+        if isinstance(m, Transformer):
+            m.checkpoint_activations = cfg.checkpoint_activations
+            if use_compile:
+                m.compile_training()
 
 
 def _ema_copy(model: Paradigm) -> dict[str, torch.Tensor]:
@@ -171,8 +183,9 @@ def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
     device = default_device()
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank and every attempt
     s = build(run, device)
-    if run.train.batch_size % world:
-        raise IsynthError(f"train.batch_size={run.train.batch_size} is not divisible by {world} processes")
+    if run.train.batch_size % (world * run.train.grad_accum):
+        raise IsynthError(f"train.batch_size={run.train.batch_size} is not divisible by {world} processes x "
+                          f"train.grad_accum={run.train.grad_accum} micro-batches")
     # The training data before the run directory: unreadable data (e.g. a corrupt pair shard) leaves nothing.
     data = tuple(t.to(device) for t in s.model.training_data(s.dataset))  # (N, T[, D]), (N,)
     out = Path(out)
@@ -223,6 +236,7 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
             print(f"{out}: already trained for {total} steps")
         return out
 
+    prepare_training(model, cfg, device)
     ddp = DistributedDataParallel(model) if world > 1 else model
     peak_box = [peak_flops(device) if rank == 0 else None]
     if world > 1:  # one measurement, not several processes competing for the same cores
@@ -249,7 +263,7 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
         idx = torch.from_numpy(order.indices(step)[rank::world]).to(device)
         lr = lr_at(step, total, cfg)
         loss, norm, bad = train_step(ddp, model, opt, tokens_all[idx], labels_all[idx], lr, cfg.grad_clip, amp,
-                                     skip_nonfinite=cfg.skip_nonfinite > 0)
+                                     skip_nonfinite=cfg.skip_nonfinite > 0, accum=cfg.grad_accum)
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1.0 - ema_decay_at(step, cfg.ema_decay))
         flops_done += s.flops_per_sample * cfg.batch_size

@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from isynth.backbone import Transformer
+from isynth.backbone import Transformer, decode_keys
 from isynth.conditions import Conditions
 from isynth.config import RunConfig, TokenizerConfig, check
 from isynth.diffhead import DiffHeadConfig
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.errors import IsynthError
+from isynth.graphs import active as graphs_active
+from isynth.graphs import weights_key
 from isynth.guidance import Guidance
 from isynth.heads import (
     CategoricalSampling,
@@ -62,6 +64,7 @@ class ARSampling:
     # which position comes next
     order: Literal["scan", "random"] = "scan"
     batch_size: int = 256           # images per sampling batch
+    cuda_graphs: bool = True        # replay each decoding step from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):
         check(self.batch_size > 0, "sample.batch_size must be > 0")
@@ -205,19 +208,55 @@ class AR(Paradigm[ARConfig, ARSampling]):
         seq = empty_tokens(self.tokenizer, b, labels.device)  # (B, N[, D]) in generation order
         dev = labels.device.type  # under autocast (bf16 on GPU) keys and values arrive in the autocast dtype
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else cond.dtype
-        cache = self.net.new_cache(rows.shape[0], n + k - 1, labels.device, dtype) if s.kv_cache else None
+        cache = self._decode_cache(rows.shape[0], n + k - 1, labels.device, dtype) if s.kv_cache else None
         for i in range(n):
-            prev = seq[:, i - 1:i] if cache is not None else seq[:, :i]  # newest input, or the whole prefix
-            prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, T') both CFG halves read the same tokens
-            start = k - 1 + i if cache is not None and i > 0 else 0  # first sequence position fed
-            x = self._inputs(prev, cond, row_order, start)
-            h = self.net(x, self._condition(cond, start, x.shape[1]), causal=True, cache=cache)[:, -1]  # (R, C)
+            if cache is not None and i > 0:  # one new position, the same shapes at every step
+                step = torch.full((1,), i, dtype=torch.long, device=labels.device)
+                prev = torch.cat([seq[:, i - 1:i]] * (2 if use_cfg else 1))  # (R, 1[, D])
+                keys = decode_keys(k - 1 + i, cache.max_len)
+                h = self.graphs.run(f"decode-{keys}", self._decode_fn(cache, keys), prev, cond, step,
+                                    *(() if row_order is None else (row_order,)), weights=weights_key(self))  # (R, C)
+            else:  # the prefix into the cache, or without a cache the whole sequence so far
+                prev = seq[:, :i]
+                prev = torch.cat([prev, prev]) if use_cfg else prev  # (R, i) both CFG halves read the same tokens
+                x = self._inputs(prev, cond, row_order, 0)
+                h = self.net(x, self._condition(cond, 0, x.shape[1]), causal=True, cache=cache)[:, -1]  # (R, C)
             seq[:, i] = self.head.sample(h, s.head, s.guidance.weight(i / n), generator)
         if order is None:
             return seq
         out = torch.empty_like(seq)  # generation order -> raster layout: position order[b, i] holds seq[b, i]
         out[torch.arange(b, device=seq.device)[:, None], order] = seq
         return out
+
+    def _decode_cache(self, rows: int, length: int, device, dtype):
+        """The KV cache of a sampling call. A CUDA graph of the decoding step writes into the buffers it
+        was captured with, so where steps are graphed the cache is kept with the graphs and reused."""
+        if not graphs_active(device):
+            return self.net.new_cache(rows, length, device, dtype)
+        cache = self.graphs.state(("kv", rows, length, dtype, weights_key(self)),
+                                  lambda: self.net.new_cache(rows, length, device, dtype))
+        cache.length = 0
+        return cache
+
+    def _decode_fn(self, cache, keys: int):
+        """Decoding step i >= 1 with a KV cache: the token generated at step i - 1, prev (R, 1[, D]), enters
+        at sequence position k - 1 + i (k = self.prefix) and the features (R, C) predicting step i come out.
+        Every index is a device tensor (step: (1,) long = i; order: (R, N) or absent for the scan order), so
+        the step has no host synchronisation and is captured once per key bucket as a CUDA graph."""
+        k = self.prefix
+
+        def step_fn(prev: Tensor, cond: Tensor, step: Tensor, order: Tensor | None = None) -> Tensor:
+            gen = step - 1  # generation step of prev
+            at = (lambda s: s) if order is None else (lambda s: order.index_select(1, s))  # (1,) or (R, 1)
+            x = self.tok_embed(prev) + F.embedding(k + at(gen), self.pos_embed[0])  # (R, 1, C)
+            if self.target_pos_embed is not None:  # the position this step predicts
+                x = x + F.embedding(at(step), self.target_pos_embed[0])
+            c = None
+            if self.run.model.adaln:
+                c = cond if self.step_embed is None else cond[:, None] + F.embedding(k - 1 + step, self.step_embed[0])
+            return self.net.decode(x, c, cache, k - 1 + step, keys)[:, -1]  # (R, C)
+
+        return step_fn
 
     # --- compute accounting -------------------------------------------------------------------------
     def train_flops_per_sample(self) -> int:

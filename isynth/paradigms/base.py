@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from isynth.conditions import Conditions
 from isynth.config import M, RunConfig, S, TokenizerConfig
 from isynth.errors import IsynthError
+from isynth.graphs import StepGraphs
 from isynth.latents import load_latents
 from isynth.tokendata import EncodedOnDemand, training_tokens
 from isynth.tokenizers.base import Tokenizer
@@ -56,6 +57,7 @@ class Paradigm(nn.Module, Generic[M, S]):
         self.num_classes = conditions.num_classes
         self.seq_len = tokenizer.seq_len
         self.train_step, self.total_steps = 0, 1
+        self.graphs = StepGraphs()  # the sampler's captured CUDA graphs (isynth.graphs)
 
     def forward(self, tokens: Tensor, labels: Tensor) -> Tensor:
         # DDP synchronises gradients of calls through forward, so training calls the module itself.

@@ -25,6 +25,7 @@ from isynth.config import RunConfig, check
 from isynth.embeddings import ClassEmbedding, TimestepEmbedder, learned_positions
 from isynth.errors import IsynthError
 from isynth.flops import matmul_flops
+from isynth.graphs import weights_key
 from isynth.guidance import Guidance, guide
 from isynth.paradigms.base import FromNoise
 from isynth.tokenizers.base import Tokenizer
@@ -52,6 +53,7 @@ class DiffusionSampling:
     shift: float = 1.0                           # SD3's time shift t -> s t / (1 + (s - 1) t); 1 = uniform
     guidance: Guidance = field(default_factory=Guidance)  # progress: 1 - t
     batch_size: int = 256
+    cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):
         check(self.num_steps >= 1, "sample.num_steps must be >= 1")
@@ -147,10 +149,14 @@ class Diffusion(FromNoise[DiffusionConfig, DiffusionSampling]):
 
         def velocity(x: Tensor, t: float) -> Tensor:
             w = sampling.guidance.weight(1 - t, t)
-            if w is None:
-                return self.velocity(x, torch.full(labels.shape, t, device=x.device), labels).float()
+            if w is None:  # a copy: Heun keeps the slope while the next evaluation replays the graph
+                tt = torch.full(labels.shape, t, device=x.device)
+                return self.graphs.run("velocity", self.velocity, x, tt, labels,
+                                       weights=weights_key(self)).to(torch.float32, copy=True)
             tt = torch.full((2 * x.shape[0],), t, device=x.device)
-            cond, uncond = self.velocity(torch.cat([x, x]), tt, torch.cat([labels, null])).float().chunk(2)
+            v = self.graphs.run("velocity", self.velocity, torch.cat([x, x]), tt, torch.cat([labels, null]),
+                                weights=weights_key(self))
+            cond, uncond = v.float().chunk(2)
             return guide(cond, uncond, w)
 
         return solve(velocity, noise.float(), sampling)

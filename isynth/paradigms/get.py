@@ -32,6 +32,7 @@ from isynth.config import RunConfig, check
 from isynth.embeddings import ClassEmbedding, sincos_positions
 from isynth.errors import IsynthError
 from isynth.flops import matmul_flops
+from isynth.graphs import weights_key
 from isynth.pairformat import check_pairs_fit, load_pairs, read_manifest
 from isynth.paradigms.base import FromNoise
 from isynth.tokenizers.base import Tokenizer
@@ -66,6 +67,7 @@ class GETConfig:
 class GETSampling:
     fixed_point_iters: int = 6      # solver iterations in the one sampling pass (GET eval: 6)
     batch_size: int = 256
+    cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):
         check(self.fixed_point_iters >= 1, "sample.fixed_point_iters must be >= 1")
@@ -137,7 +139,10 @@ class GET(FromNoise[GETConfig, GETSampling]):
         """Equilibrium states (B, N, C): every unrolled state in training, [z*] in eval mode. The state starts
         at zeros, or (state_init=noise) at Gaussian noise drawn from `generator`."""
         u = self._injections(noise, labels)
-        f = lambda z: self.equilibrium(z, qkv_add=u, final_norm=False)  # noqa: E731
+        eq = lambda z, *u: self.equilibrium(z, qkv_add=list(u), final_norm=False)  # noqa: E731
+        # each solver iteration's network call, graphed when sampling (isynth.graphs; a plain call in training),
+        # copied out of the graph's buffer because the solver keeps past iterates
+        f = lambda z: self.graphs.run("equilibrium", eq, z, *u, weights=weights_key(self)).clone()  # noqa: E731
         shape = (noise.shape[0], self.seq_len, self.run.model.width)
         z0 = torch.zeros(shape, device=noise.device, dtype=u[0].dtype) if self.run.method.state_init == "zeros" \
             else torch.randn(shape, generator=generator, device=noise.device).to(u[0].dtype)

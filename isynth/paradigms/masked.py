@@ -35,6 +35,7 @@ from isynth.conditions import Conditions
 from isynth.config import RunConfig, check
 from isynth.embeddings import ClassEmbedding, learned_positions
 from isynth.errors import IsynthError
+from isynth.graphs import weights_key
 from isynth.guidance import Guidance
 from isynth.heads import CategoricalSampling, TokenInput, TokenSampling, build_head, empty_tokens, gather_tokens
 from isynth.masking import MaskSchedule, masked_counts
@@ -62,6 +63,7 @@ class MaskedSampling:
     head: TokenSampling = field(default_factory=CategoricalSampling)  # how each revealed token is drawn
     guidance: Guidance = field(default_factory=Guidance)  # progress: tokens revealed after the step / N
     batch_size: int = 256
+    cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):
         check(self.num_steps >= 1, "sample.num_steps must be >= 1")
@@ -107,17 +109,20 @@ class MaskedParadigm(Paradigm):
         null = self.mask_token if self.run.method.null_is_mask_token else None
         return self.class_embed(labels, null)  # (B, C)
 
-    def features(self, tokens: Tensor, mask: Tensor, cond: Tensor) -> Tensor:
+    def features(self, tokens: Tensor, mask: Tensor, cond: Tensor, visible: int | None = None) -> Tensor:
         """Features (B, N, C) for every position of the grid, given tokens (B, N[, D]) where mask (B, N)
-        is False and the condition (B, C). With `mae` every row must have the same number masked."""
+        is False and the condition (B, C). With `mae` every row must have the same number masked; a sampler
+        that knows it passes `visible` (then nothing is checked on the host, and the step can be graphed)."""
         b, n, nb = mask.shape[0], self.seq_len, self.num_buffer
         c_ada = cond if self.run.model.adaln else None
         buffers = cond[:, None].expand(b, nb, cond.shape[-1]) + self.enc_pos[:, :nb]  # (B, nb, C)
         if self.run.method.mae:
-            visible = (~mask).sum(1)
-            if (visible != visible[0]).any():
-                raise ValueError("the MAE encoder needs the same number of masked tokens in every row")
-            keep = (~mask).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :int(visible[0])]  # (B, V)
+            if visible is None:
+                counts = (~mask).sum(1)
+                if (counts != counts[0]).any():
+                    raise ValueError("the MAE encoder needs the same number of masked tokens in every row")
+                visible = int(counts[0])
+            keep = (~mask).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :visible]  # (B, V)
             x = self.tok_embed(gather_tokens(tokens, keep)) + F.embedding(nb + keep, self.enc_pos[0])  # (B, V, C)
         else:
             x = torch.where(mask[..., None], self.mask_token, self.tok_embed(tokens)) + self.enc_pos[:, nb:]
@@ -168,11 +173,18 @@ class MaskedParadigm(Paradigm):
         ranks = torch.rand(b, n, generator=generator, device=dev).argsort(1).argsort(1)  # random order (B, N)
         cond = self.condition(labels)
         uncond = self.condition(torch.full_like(labels, self.class_embed.null))
+        # Without MAE every step has the same shapes and one CUDA graph serves them all. The MAE encoder sees
+        # a different number of tokens at each step, so a graph would serve one step of each batch and hold
+        # its activations (MAR-B at batch 256: out of memory at 64 steps): those steps run eagerly, and only
+        # the diffusion head's steps, a hundred per reveal, are graphed.
+        run_step = self.graphs.run if not self.run.method.mae else lambda _, fn, *inputs, **__: fn(*inputs)
         for k, w in enumerate(weights):
+            step = lambda t, m, c, v=n - counts[k]: self.features(t, m, c, visible=v)  # noqa: E731
             if w is None:
-                z = self.features(tokens, mask, cond)  # (B, N, C)
+                z = run_step("features", step, tokens, mask, cond, weights=weights_key(self))  # (B, N, C)
             else:  # conditional rows then unconditional rows, reading the same partial grid
-                z = self.features(torch.cat([tokens, tokens]), torch.cat([mask, mask]), torch.cat([cond, uncond]))
+                z = run_step("features", step, torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                             torch.cat([cond, uncond]), weights=weights_key(self))  # (2B, N, C)
             reveal, values = self.reveal(k, z, w, mask, ranks, counts, s, generator)
             tokens[reveal] = values.to(tokens.dtype)
             mask &= ~reveal

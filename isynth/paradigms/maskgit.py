@@ -42,6 +42,7 @@ class MaskGITSampling:
     head: CategoricalSampling = field(default_factory=CategoricalSampling)
     guidance: Guidance = field(default_factory=lambda: Guidance(schedule="linear"))  # progress: revealed / N
     batch_size: int = 256
+    cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):
         check(self.num_steps >= 1, "sample.num_steps must be >= 1")
