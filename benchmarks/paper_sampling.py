@@ -22,9 +22,10 @@ import time
 
 import torch
 
+from isynth.backbone import decode_keys
 from isynth.conditions import Conditions
 from isynth.graphs import capturing
-from isynth.hardware import default_device
+from isynth.hardware import default_device, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
 from isynth.runs import sampling_precision
@@ -99,8 +100,6 @@ def roofline(model, s, batch: int, flops: int, device) -> dict:
     """FLOPs and the fewest bytes per image, and the images/s bound they imply. Bytes: the bf16 weights
     of every network evaluation (shared by the batch), and for next-token prediction the KV cache each
     step reads (both CFG halves, each step's key bucket). Activations are not counted: a lower bound."""
-    from isynth.backbone import decode_keys
-    from isynth.hardware import peak_flops
     weight_bytes = 2 * model.num_params()
     evals = model.num_network_evals(s)
     total = weight_bytes * evals / batch

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from isynth.conditions import Conditions
 from isynth.graphs import capturing
-from isynth.hardware import autocast_for, default_device
+from isynth.hardware import autocast_for, default_device, peak_flops
 from isynth.paradigms import build_paradigm
 from isynth.presets import make_run
 from isynth.runs import sampling_precision
@@ -166,7 +166,6 @@ def bench_rar(mod, device, args, rows):
 
 
 def mfu(model, samples_per_s: float, device) -> float | None:
-    from isynth.hardware import peak_flops
     peak, _ = peak_flops(device)
     return round(model.train_flops_per_sample() * samples_per_s / peak, 4)
 

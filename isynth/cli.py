@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 import torch
 
+from isynth import __version__
 from isynth.claimcommand import claim as claim_command
 from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
 from isynth.config import DataConfig, RunConfig, TokenizerConfig
@@ -54,6 +55,7 @@ def _sampling(run: RunConfig, overrides: tuple[str, ...], cfg_scale: float | Non
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="isynth", message="%(prog)s %(version)s")
 def cli():
     """isynth: transformer image-generation paradigms on one backbone, compared at equal compute."""
 

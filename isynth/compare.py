@@ -17,7 +17,7 @@ from isynth.errors import IsynthError
 from isynth.files import atomic_write_text
 from isynth.overrides import apply
 from isynth.paradigms import PARADIGMS
-from isynth.presets import make_run
+from isynth.presets import MAIN_JOB_TRAIN_FLOPS, make_run
 from isynth.report import environment
 from isynth.studyreport import build_report, mean_ci
 from isynth.sweep import fd_key, samplings, teacher_pairs, train_and_evaluate
@@ -25,9 +25,7 @@ from isynth.tokenizers.train import train_tokenizer
 from isynth.tokenizers.trainconfig import make_config
 from isynth.trainer import build
 
-# Training FLOPs per paradigm in the default main job: ~280 steps of `ar` at batch 64, ~45-55 s per paradigm
-# on 2 cores, so all eight paradigms, their evaluations and GET's pairs fit in 10 minutes (BENCHMARKS.md).
-DEFAULT_TRAIN_FLOPS = 6e12
+DEFAULT_TRAIN_FLOPS = MAIN_JOB_TRAIN_FLOPS
 
 COLUMNS = [  # (header, key, format)
     ("paradigm", "paradigm", "{}"),

@@ -36,6 +36,11 @@ _MASKED = ("maskgit", "mdm", "mar")
 # --- laptop presets ----------------------------------------------------------------------------------
 # Few sampling steps and a small head keep CPU sampling within the main job's budget (the paper settings
 # are in the paper-size presets below).
+# The main job's training budget per paradigm (`isynth compare`), also the `cpu` preset's: ~280 steps of
+# `ar` at batch 64, ~45-55 s per paradigm on 2 cores, so all eight paradigms, their evaluations and GET's
+# pairs fit in 10 minutes (BENCHMARKS.md). A run trained with the preset's budget gets the main job's quality.
+MAIN_JOB_TRAIN_FLOPS = 6e12
+
 _SMALL_METHOD = {"mar": {"method.num_buffer": 4}, "mdm": {"method.num_buffer": 4},
                  "get": {"method.deq_depth": 2, "method.deq_mlp_ratio": 4.0, "method.grad_steps": 3}}
 # `cpu` gives mar and mdm one 4-block bidirectional stack without MAE, as Fluid's random-continuous model
@@ -62,9 +67,11 @@ def tiny(p: type[Paradigm], discrete: bool) -> Settings:
 
 
 def cpu(p: type[Paradigm], discrete: bool) -> Settings:
-    """The main job's size: 4 blocks of width 128 (~0.8M parameters in the backbone), batch 64."""
+    """The main job's size and budget: 4 blocks of width 128 (~0.8M parameters in the backbone), batch 64,
+    6e12 training FLOPs."""
     s = {**_section("model", width=128, depth=4, num_heads=4),
-         **_section("train", batch_size=64, lr=2e-3, warmup_fraction=0.05, max_steps=300, ema_decay=0.99,
+         **_section("train", batch_size=64, lr=2e-3, warmup_fraction=0.05, max_steps=None,
+                    train_flops=MAIN_JOB_TRAIN_FLOPS, ema_decay=0.99,
                     log_every=10, ckpt_every=50, eval_num_samples=1000),
          "sample.batch_size": 500, **_SMALL_METHOD.get(p.name, {}), **_CPU_METHOD.get(p.name, {}),
          **_CPU_SAMPLING.get(p.name, {})}

@@ -237,6 +237,10 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
         return out
 
     prepare_training(model, cfg, device)
+    if rank == 0 and progress:
+        budget = f"{cfg.train_flops:.3g} training FLOPs" if cfg.train_flops is not None else f"{cfg.max_steps} steps"
+        print(f"{out}: budget {budget} = {total} steps of batch {cfg.batch_size} "
+              f"({s.flops_per_sample * cfg.batch_size:.3g} FLOPs each); starting at step {start_step}")
     ddp = DistributedDataParallel(model) if world > 1 else model
     peak_box = [peak_flops(device) if rank == 0 else None]
     if world > 1:  # one measurement, not several processes competing for the same cores

@@ -94,3 +94,22 @@ def test_the_code_cites_papers_and_files_not_documents_outside_the_repository():
             if any(word in line for word in ("SPEC", "seed 00", "STYLE principle")) and path.name != "test_codebase.py":
                 bad.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not bad, "\n".join(bad)
+
+
+def test_package_hygiene_license_types_and_version():
+    """A LICENSE matching pyproject's, the py.typed marker shipped as package data, and `isynth --version`."""
+    import pytest
+    from click.testing import CliRunner
+
+    import isynth
+    from isynth.cli import cli
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = ROOT
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    assert meta["project"]["license"]["text"] == "MIT"
+    assert (root / "LICENSE").read_text().startswith("MIT License")
+    assert (root / "isynth" / "py.typed").exists()
+    assert "py.typed" in meta["tool"]["setuptools"]["package-data"]["isynth"]
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"isynth {isynth.__version__}"
+    assert meta["project"]["version"] == isynth.__version__

@@ -136,3 +136,12 @@ def test_config_json_round_trip_and_strict_reading():
     rar = json.loads(make_run("rar", "tiny").to_json())
     rar["method"]["order"], rar["sample"]["order"] = "raster", "raster"  # values an earlier version wrote
     assert run_from_dict(rar) == make_run("rar", "tiny", ["method.order=scan"])
+
+
+def test_the_cpu_preset_trains_for_the_main_jobs_budget():
+    """Without a budget, `isynth train` gets what the README's main-job table shows: its 6e12 FLOPs."""
+    from isynth.compare import DEFAULT_TRAIN_FLOPS
+    for p in PARADIGMS:
+        run = make_run(p, "cpu")
+        assert run.train.train_flops == DEFAULT_TRAIN_FLOPS and run.train.max_steps is None
+    assert make_run("ar", "cpu", ["train.max_steps=10"]).train.train_flops is None
