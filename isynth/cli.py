@@ -18,6 +18,8 @@ from isynth import __version__
 from isynth.claimcommand import claim as claim_command
 from isynth.compare import DEFAULT_NUM_PAIRS, run_compare
 from isynth.config import DataConfig, RunConfig, TokenizerConfig
+from isynth.configdoc import describe, format_rows
+from isynth.configfile import config_overrides
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
@@ -39,6 +41,13 @@ from isynth.tokenizers.store import read_manifest as read_tokenizer_manifest
 from isynth.trainer import train as run_training
 
 OVERRIDES = click.argument("overrides", nargs=-1, metavar="[SECTION.FIELD=VALUE]...")
+CONFIG_FILE = click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
+                           help="JSON, YAML or TOML settings (e.g. a run's config.json), applied before the "
+                                "SECTION.FIELD=VALUE overrides.")
+
+
+def _file_overrides(config_file: Path | None, paradigm: str) -> list[str]:
+    return config_overrides(config_file, paradigm) if config_file is not None else []
 
 
 def _sampling(run: RunConfig, overrides: tuple[str, ...], cfg_scale: float | None, kv_cache: bool | None):
@@ -74,14 +83,15 @@ def cli():
 @click.option("--shuffle-pairs", is_flag=True,
               help="get only: train on randomly re-paired (noise, image) pairs, the control of GET's claim.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@CONFIG_FILE
 @OVERRIDES
-def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, overrides):
+def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, config_file, overrides):
     """Train PARADIGM (ar, rar, maskgit, mdm, mar, ar-cont, diffusion, get) into --out."""
     if shuffle_pairs and paradigm != "get":
         raise IsynthError(f"--shuffle-pairs is a control for get's teacher pairs; {paradigm!r} has none")
     shuffle = ["method.shuffle_pairs=true"] if shuffle_pairs else []
-    run = make_run(paradigm, preset, [*dataset_overrides(dataset), *budget_overrides(steps, flops), *shuffle,
-                                      *overrides])
+    run = make_run(paradigm, preset, [*_file_overrides(config_file, paradigm), *dataset_overrides(dataset),
+                                      *budget_overrides(steps, flops), *shuffle, *overrides])
     run_training(run, out, progress=not quiet)
     if not quiet:
         click.echo(f"trained {paradigm} -> {out}")
@@ -158,6 +168,22 @@ def flops(paradigm, preset, dataset, seq_len, vocab_size, num_classes, token_dim
     """Print parameters and training / sampling FLOPs of PARADIGM at a preset as JSON."""
     click.echo(json.dumps(flops_report(paradigm, preset, [*dataset_overrides(dataset), *overrides],
                                        seq_len, vocab_size, num_classes, token_dim), indent=2))
+
+
+@cli.command()
+@click.argument("paradigm")
+@click.option("--preset", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per field instead of a table.")
+@CONFIG_FILE
+@OVERRIDES
+def config(paradigm, preset, as_json, config_file, overrides):
+    """Print every configuration field of PARADIGM at a preset (with overrides applied): its value, type and
+    help. Any field can be set as SECTION.FIELD=VALUE on train, sample, eval and the other commands."""
+    rows = describe(make_run(paradigm, preset, [*_file_overrides(config_file, paradigm), *overrides]))
+    if as_json:
+        click.echo("\n".join(json.dumps(r, default=str) for r in rows))
+    else:
+        click.echo(format_rows(rows))
 
 
 @cli.command()

@@ -31,7 +31,7 @@ class ModelConfig:
 
     width: int = 128              # model dimension C
     depth: int = 4                # number of blocks
-    num_heads: int = 4
+    num_heads: int = 4                      # attention heads (head dim = width / num_heads)
     mlp_ratio: float = 4.0        # MLP hidden = mlp_ratio * width
     dropout: float = 0.0          # residual / MLP dropout (RAR: 0.1)
     attn_dropout: float = 0.0     # attention-probability dropout (RAR: 0.1)
@@ -60,7 +60,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "shapes", "npz", "folder", "latents"] = "digits"
+    name: Literal["digits", "shapes", "npz", "folder", "latents"] = "digits" # the dataset (--dataset sets it)
     path: str | None = None       # npz: the file (arr_0 uint8 NHWC, labels); folder, latents: the directory
     eval_fraction: float = 0.2    # held-out share, split by a seeded permutation
     split_seed: int = 0           # the split's seed (and shapes' generator seed)
@@ -114,20 +114,20 @@ class TokenizerConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128         # global batch (split across DDP ranks)
-    lr: float = 1e-3
+    lr: float = 1e-3                        # peak learning rate (AdamW), after the warm-up
     min_lr: float = 1e-5          # end of the cosine schedule
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # after the warm-up (constant: MAR's and GET's)
     warmup_fraction: float = 0.05 # of total steps (RAR: 100 of 400 epochs = 0.25)
-    weight_decay: float = 0.03
-    beta1: float = 0.9
-    beta2: float = 0.96
-    grad_clip: float = 1.0
+    weight_decay: float = 0.03              # AdamW decoupled weight decay (none on biases, norms, embeddings)
+    beta1: float = 0.9                      # AdamW first-moment decay
+    beta2: float = 0.96                     # AdamW second-moment decay
+    grad_clip: float = 1.0                  # clip the global gradient norm to this
     ema_decay: float = 0.999      # with the usual (1+s)/(10+s) warm-up of the decay
     max_steps: int | None = None  # budget in optimizer steps ...
     train_flops: float | None = None  # ... or in training FLOPs (exactly one is set)
-    seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 100
+    seed: int = 0                           # initial weights and every step's randomness (exact resumption)
+    log_every: int = 10                     # steps between log.jsonl lines (and divergence checks)
+    ckpt_every: int = 100                   # steps between checkpoints
     eval_num_samples: int = 1000  # samples drawn by `isynth eval`
     # Batches with a non-finite loss or gradient norm: 0 stops training at the first (exit 3, the last good
     # checkpoint kept); N > 0 skips up to N of them without an update, as large-scale trainers do.

@@ -68,7 +68,7 @@ class DiffHeadConfig:
 class DiffHeadSampling:
     """How a continuous token is drawn from the head: `sample.head`."""
 
-    sampler: Literal["ddpm", "dpm++"] = "ddpm"
+    sampler: Literal["ddpm", "dpm++"] = "ddpm" # DDPM ancestral (MAR) or DPM-Solver++ (eMIGM)
     steps: int = 100                # DDPM: respaced steps (MAR 100); DPM-Solver++: 8-14 (eMIGM)
     order: int = 3                  # DPM-Solver++ order (eMIGM: 3, single-step)
     temperature: float = 1.0        # scales DDPM's noise (MAR); the ODE solver has no noise term to scale

@@ -21,10 +21,10 @@ from isynth.config import check, finite
 @dataclass(frozen=True)
 class Guidance:
     scale: float = 1.0            # w at full strength; 1 = no guidance (no unconditional pass)
-    schedule: Literal["constant", "linear", "pow-cosine"] = "constant"
+    schedule: Literal["constant", "linear", "pow-cosine"] = "constant" # how w grows with sampling progress
     pow: float = 1.0              # pow-cosine: w = 1 + (scale - 1) (1 - cos(pi p^pow)) / 2 (RAR)
     t_min: float = 0.0            # guide only steps whose time t is in (t_min, t_max]
-    t_max: float = 1.0
+    t_max: float = 1.0                      # (see t_min)
 
     def __post_init__(self):
         check(self.scale >= 0 and finite(self.scale),

@@ -145,3 +145,56 @@ def test_the_cpu_preset_trains_for_the_main_jobs_budget():
         run = make_run(p, "cpu")
         assert run.train.train_flops == DEFAULT_TRAIN_FLOPS and run.train.max_steps is None
     assert make_run("ar", "cpu", ["train.max_steps=10"]).train.train_flops is None
+
+
+def test_config_listing_covers_every_field_with_type_and_help():
+    from isynth.configdoc import describe
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    for p in PARADIGMS:
+        run = make_run(p, "cpu")
+        rows = describe(run)
+        assert [r["field"] for r in rows] == [f for f in leaves(run.to_dict()) if f != "paradigm"]
+        assert all(r["type"] and r["help"] for r in rows), [r["field"] for r in rows if not r["help"]]
+
+
+@pytest.mark.parametrize("paradigm", ["rar", "mar", "get"])
+def test_config_file_round_trips_a_runs_config_json(tmp_path, paradigm):
+    from isynth.configfile import config_overrides
+    run = make_run(paradigm, "tiny", ["model.width=48", "train.max_steps=7", "sample.batch_size=9"])
+    path = tmp_path / "config.json"
+    path.write_text(run.to_json())
+    assert make_run(paradigm, "cpu", config_overrides(path, paradigm)) == run
+    # the command line comes after the file and wins
+    assert make_run(paradigm, "cpu", [*config_overrides(path, paradigm), "model.width=32"]).model.width == 32
+
+
+def test_config_file_in_yaml_and_toml_and_its_errors(tmp_path):
+    from isynth.configfile import config_overrides
+    (tmp_path / "a.yaml").write_text("model:\n  width: 64\ntrain:\n  max_steps: 5\n  train_flops: null\n")
+    (tmp_path / "a.toml").write_text("[model]\nwidth = 64\n[sample.guidance]\nscale = 3.0\n")
+    assert make_run("ar", "cpu", config_overrides(tmp_path / "a.yaml", "ar")).train.max_steps == 5
+    run = make_run("ar", "cpu", config_overrides(tmp_path / "a.toml", "ar"))
+    assert run.model.width == 64 and run.sample.guidance.scale == 3.0
+    (tmp_path / "bad.yaml").write_text("model: [1\n")
+    (tmp_path / "other.json").write_text(make_run("mar", "tiny").to_json())
+    (tmp_path / "x.ini").write_text("")
+    for name, message in [("bad.yaml", "not valid YAML"), ("other.json", "'mar' configuration"),
+                          ("x.ini", "unknown format"), ("missing.json", "no such file")]:
+        with pytest.raises(IsynthError, match=message):
+            config_overrides(tmp_path / name, "ar")
+
+
+def test_isynth_config_command_prints_every_field():
+    from click.testing import CliRunner
+
+    from isynth.cli import cli
+    result = CliRunner().invoke(cli, ["config", "rar", "--preset", "rar-b", "model.depth=2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert any(ln.startswith("model.depth ") and " 2 " in ln for ln in lines)
+    from isynth.configdoc import describe
+    assert len(lines) == len(describe(make_run("rar", "rar-b", ["model.depth=2"])))

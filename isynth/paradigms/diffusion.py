@@ -38,8 +38,8 @@ class DiffusionConfig:
     class_dropout: float = 0.1                                       # null class for CFG (DiT: 0.1)
     class_cond: bool = True          # false: unconditional, every label read as the null class (GET's teacher)
     time_sampling: Literal["logit-normal", "uniform"] = "logit-normal"  # SD3 sec. 3.1: logit-normal(0, 1)
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    logit_mean: float = 0.0                 # logit-normal time sampling: mean (SD3)
+    logit_std: float = 1.0                  # logit-normal time sampling: standard deviation
 
     def __post_init__(self):
         check(0 <= self.class_dropout < 1, "method.class_dropout must be in [0, 1)")
@@ -52,7 +52,7 @@ class DiffusionSampling:
     num_steps: int = 16                          # ODE steps; NFE = num_steps (Euler) or 2 num_steps - 1 (Heun)
     shift: float = 1.0                           # SD3's time shift t -> s t / (1 + (s - 1) t); 1 = uniform
     guidance: Guidance = field(default_factory=Guidance)  # progress: 1 - t
-    batch_size: int = 256
+    batch_size: int = 256                   # images per sampling batch
     cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):

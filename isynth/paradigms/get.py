@@ -42,19 +42,19 @@ from isynth.tokenizers.base import Tokenizer
 class GETConfig:
     pairs: str | None = None        # pair directory from `isynth pairs` (required to train)
     shuffle_pairs: bool = False     # control (GET sec. 5): re-pair noise and images at random
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0                   # the re-pairing permutation of shuffle_pairs
     class_cond: bool = True         # class embedding added into the injection blocks' qkv
     deq_depth: int = 3              # equilibrium blocks (GET: 3)
     deq_mlp_ratio: float = 6.0      # their MLP ratio (GET: 6-16)
     train_solver_iters: int = 0     # fixed-point iterations without gradient before the unrolled ones (run.sh: 0)
     grad_steps: int = 6             # unrolled phantom-gradient iterations (run.sh: --grad 6)
     fp_correction: bool = True      # loss on every unrolled state (TorchDEQ 'exp' weights), else the last only
-    loss: Literal["l1", "l2"] = "l1"
+    loss: Literal["l1", "l2"] = "l1"        # distance to the teacher's image (GET: L1)
     # The authors' code (locuslab/get, models/get.py) starts the equilibrium state from randn_like and feeds
     # qkv_inj the injection transformer's output without its final LayerNorm; isynth's defaults (zeros, with
     # the norm) are the lighter variant measured in BENCHMARKS.md, `noise` / false match the reference.
     state_init: Literal["zeros", "noise"] = "zeros"
-    inject_norm: bool = True
+    inject_norm: bool = True                # normalise features before the injection map (the reference does not)
 
     def __post_init__(self):
         check(self.deq_depth >= 1, "method.deq_depth must be >= 1")
@@ -66,7 +66,7 @@ class GETConfig:
 @dataclass(frozen=True)
 class GETSampling:
     fixed_point_iters: int = 6      # solver iterations in the one sampling pass (GET eval: 6)
-    batch_size: int = 256
+    batch_size: int = 256                   # images per sampling batch
     cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):

@@ -29,12 +29,12 @@ from isynth.paradigms.masked import MaskedParadigm, MaskedSampling, check_masked
 class MARConfig:
     mask_ratio_min: float = 0.7   # truncated normal on [mask_ratio_min, 1] ...
     mask_ratio_mean: float = 1.0  # ... with this mean and std (MAR reference)
-    mask_ratio_std: float = 0.25
-    class_dropout: float = 0.1
-    num_buffer: int = 64
-    mae: bool = True
-    decoder_depth: int | None = None
-    null_is_mask_token: bool = False
+    mask_ratio_std: float = 0.25            # truncated-normal mask ratio: standard deviation (MAR)
+    class_dropout: float = 0.1              # label -> null class during training, for CFG (MAR's "fake latent": 0.1)
+    num_buffer: int = 64                    # class "buffer" tokens before the grid (MAR: 64)
+    mae: bool = True                        # the encoder sees visible tokens only (MAE, He et al. 2022)
+    decoder_depth: int | None = None        # blocks of the decoder that fills mask tokens; none: as deep as the encoder
+    null_is_mask_token: bool = False        # the null condition for CFG is the mask token (eMIGM)
     head: DiffHeadConfig | None = field(default_factory=DiffHeadConfig)  # None with discrete tokens
 
     def __post_init__(self):

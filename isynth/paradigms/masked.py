@@ -62,7 +62,7 @@ class MaskedSampling:
     num_steps: int = 16               # K network passes; each reveals >= 1 token, the last reveals all
     head: TokenSampling = field(default_factory=CategoricalSampling)  # how each revealed token is drawn
     guidance: Guidance = field(default_factory=Guidance)  # progress: tokens revealed after the step / N
-    batch_size: int = 256
+    batch_size: int = 256                   # images per sampling batch
     cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):

@@ -24,12 +24,12 @@ from isynth.paradigms.masked import MaskedParadigm, check_masked_net
 
 @dataclass(frozen=True)
 class MaskGITConfig:
-    mask_schedule: MaskSchedule = "cosine"
-    class_dropout: float = 0.1
-    num_buffer: int = 1
-    mae: bool = False
-    decoder_depth: int | None = 0
-    null_is_mask_token: bool = False
+    mask_schedule: MaskSchedule = "cosine"  # the mask ratio law gamma(t) (MaskGIT: cosine)
+    class_dropout: float = 0.1              # label -> null class during training, for CFG (MAR's "fake latent": 0.1)
+    num_buffer: int = 1                     # class "buffer" tokens before the grid (MaskGIT: 1)
+    mae: bool = False                       # the encoder sees visible tokens only (MAE, He et al. 2022)
+    decoder_depth: int | None = 0           # blocks of a decoder that fills mask tokens; 0: none (MaskGIT)
+    null_is_mask_token: bool = False        # the null condition for CFG is the mask token (eMIGM)
 
     def __post_init__(self):
         check_masked_net(self)
@@ -41,7 +41,7 @@ class MaskGITSampling:
     choice_temperature: float = 4.5   # Gumbel noise on the confidence, annealed linearly to 0
     head: CategoricalSampling = field(default_factory=CategoricalSampling)
     guidance: Guidance = field(default_factory=lambda: Guidance(schedule="linear"))  # progress: revealed / N
-    batch_size: int = 256
+    batch_size: int = 256                   # images per sampling batch
     cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
     def __post_init__(self):

@@ -34,11 +34,11 @@ class MDMConfig:
     mask_schedule: MaskSchedule = "exp"          # every released eMIGM script: exp
     weighting: Literal["none", "elbo"] = "none"  # w = 1, or gamma'/gamma
     t_min: float = 0.2                           # time truncation: t = max(t, t_min)
-    class_dropout: float = 0.1
-    num_buffer: int = 64
-    mae: bool = True
-    decoder_depth: int | None = None
-    null_is_mask_token: bool = True
+    class_dropout: float = 0.1              # label -> null class during training, for CFG (MAR's "fake latent": 0.1)
+    num_buffer: int = 64                    # class "buffer" tokens before the grid (MAR: 64)
+    mae: bool = True                        # the encoder sees visible tokens only (MAE, He et al. 2022)
+    decoder_depth: int | None = None        # blocks of the decoder that fills mask tokens; none: as deep as the encoder
+    null_is_mask_token: bool = True         # the null condition for CFG is the mask token (eMIGM)
     head: DiffHeadConfig | None = None           # the diffusion head, with continuous tokens
 
     def __post_init__(self):

@@ -37,11 +37,11 @@ from isynth.tokenizers.base import Tokenizer
 @dataclass(frozen=True)
 class RARConfig:
     class_dropout: float = 0.1              # label -> null class during training, for CFG (RAR: 0.1)
-    order: Literal["anneal", "random", "scan"] = "anneal"
+    order: Literal["anneal", "random", "scan"] = "anneal" # anneal random -> scan order (RAR), or one endpoint
     scan: Literal[SCANS] = "raster"         # the fixed order annealing ends in (RAR Table 3), sampled in
     anneal_start_step: int | None = None    # None: 50% of training steps
     anneal_end_step: int | None = None      # None: 75% of training steps
-    target_aware: bool = True
+    target_aware: bool = True               # add the embedding of the position predicted next (RAR sec. 3.2)
     cls_token: bool = False                 # a learned cls token before the class token (the reference's)
     position_condition: bool = False        # adaLN on class + learned per-position embedding (the reference's)
     head: DiffHeadConfig | None = None      # the diffusion head, with continuous tokens
