@@ -31,7 +31,7 @@ from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_o
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
-from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, read_run_config
+from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, parse_labels, read_run_config
 from isynth.sweepcommand import command_line
 from isynth.sweepcommand import report as report_command
 from isynth.sweepcommand import sweep as sweep_command
@@ -109,17 +109,24 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, co
 @click.option("--attrs", default=None,
               help='Only classes with these attributes, e.g. "shape=circle colour=red" (the others cycle through '
                    'their values; digits: "class=3").')
+@click.option("--labels", "label_list", default=None,
+              help="Class ids, one per sample, e.g. 3,3,7 (sets --num-samples; not with --attrs).")
 @OVERRIDES
-def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, overrides):
+def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, label_list, overrides):
     """Generate class-conditional samples from RUN_DIR; labels (class ids) cycle through every combination of
-    the attributes (digits: the classes), or through those that match --attrs."""
+    the attributes (digits: the classes), or through those that match --attrs, or are given by --labels."""
+    if label_list is not None and attrs is not None:
+        raise IsynthError("give --labels or --attrs, not both")
     if num_samples <= 0:
         raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
     if out.suffix != ".npz":
         raise IsynthError(f"--out must be an .npz file, got {out}")
     model, dataset, _ = load_trained(run_dir, use_ema=not no_ema)
     s = _sampling(model.run, overrides, cfg_scale, kv_cache)
-    if attrs is None:
+    if label_list is not None:
+        labels, asked = parse_labels(label_list, dataset.conditions.num_classes), {}
+        num_samples = len(labels)
+    elif attrs is None:
         labels, asked = balanced_labels(num_samples, dataset.conditions), {}
     else:
         try:

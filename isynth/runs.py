@@ -112,6 +112,17 @@ def balanced_labels(num: int, conditions: Conditions, fixed: dict[int, int] | No
     return conditions.class_of(attrs)
 
 
+def parse_labels(text: str, num_classes: int) -> np.ndarray:
+    """'3,3,7' -> class ids (int64); IsynthError naming the first item that is not an id in [0, num_classes)."""
+    items = [t.strip() for t in text.split(",")]
+    out = []
+    for item in items:
+        if not item.isdigit() or int(item) >= num_classes:
+            raise IsynthError(f"--labels: {item!r} is not a class id in [0, {num_classes})")
+        out.append(int(item))
+    return np.array(out, dtype=np.int64)
+
+
 def parse_attrs(text: str, conditions: Conditions) -> dict[int, int]:
     """'shape=circle colour=red' -> {attribute index: value index}; IsynthError naming the first bad item
     with the valid names."""

@@ -198,3 +198,11 @@ def test_isynth_config_command_prints_every_field():
     assert any(ln.startswith("model.depth ") and " 2 " in ln for ln in lines)
     from isynth.configdoc import describe
     assert len(lines) == len(describe(make_run("rar", "rar-b", ["model.depth=2"])))
+
+
+def test_sample_labels_are_parsed_and_checked():
+    from isynth.runs import parse_labels
+    assert parse_labels("3, 3,7", 10).tolist() == [3, 3, 7]
+    for bad in ("3,x", "10", "-1", "3,,4"):
+        with pytest.raises(IsynthError, match="--labels"):
+            parse_labels(bad, 10)
