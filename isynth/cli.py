@@ -25,6 +25,7 @@ from isynth.errors import IsynthError
 from isynth.eval.images import save_grid, save_samples
 from isynth.eval.run_eval import MIN_SAMPLES, evaluate_run
 from isynth.export import dataset as dataset_commands
+from isynth.figures import loss_curves
 from isynth.flopsreport import flops_report
 from isynth.latents import tokenize as tokenize_dataset
 from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_overrides
@@ -191,6 +192,21 @@ def config(paradigm, preset, as_json, config_file, overrides):
         click.echo("\n".join(json.dumps(r, default=str) for r in rows))
     else:
         click.echo(format_rows(rows))
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "out", default=None, type=click.Path(path_type=Path),
+              help="Output stem (STEM.png and STEM.svg); default RUN/loss for one run.")
+def plot(runs, out):
+    """Draw the training loss of one or more RUNS against training FLOPs (overlaid)."""
+    if out is None:
+        if len(runs) > 1:
+            raise IsynthError("several runs need --out STEM (where to write STEM.png and STEM.svg)")
+        out = runs[0] / "loss"
+    out = out.with_suffix("") if out.suffix in (".png", ".svg") else out
+    for path in loss_curves(runs, out):
+        click.echo(str(path))
 
 
 @cli.command()

@@ -11,6 +11,7 @@ with nothing to draw (e.g. NLL for diffusion-only groups) writes nothing and ret
 """
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -285,3 +286,41 @@ def claim_arms(values: dict[str, dict[str, dict]], metrics: Sequence[str], stem:
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, stem)
+
+
+def loss_curves(runs: Sequence[str | Path], stem: str | Path) -> list[Path]:
+    """Training loss against training FLOPs (log axis) of one or more run directories, from their
+    `log.jsonl`, one line per run, labelled by the directory's name and paradigm."""
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.add_subplot()
+    drawn = 0
+    for i, run in enumerate(runs):
+        run = Path(run)
+        log = run / "log.jsonl"
+        if not log.is_file():
+            raise IsynthError(f"{run}: no log.jsonl (not a run directory, or no step logged yet)")
+        recs = [r for r in map(_json_line, log.read_text().splitlines()) if r and "loss" in r]
+        if not recs:
+            continue
+        paradigm = _json_line((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+        name = (paradigm or {}).get("paradigm", "")
+        colour = COLOURS.get(name, FALLBACK[i % len(FALLBACK)]) if len(runs) == 1 else FALLBACK[i % len(FALLBACK)]
+        ax.plot([r["train_flops"] for r in recs], [r["loss"] for r in recs], color=colour,
+                label=f"{run.name} ({name})" if name else run.name)
+        drawn += 1
+    if not drawn:
+        raise IsynthError("nothing to plot: the runs have no logged loss")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs")
+    ax.set_ylabel("training loss (mean over each log window)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, stem)
+
+
+def _json_line(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None

@@ -33,6 +33,7 @@ from isynth.checkpoint import (
 from isynth.config import RunConfig, TrainConfig
 from isynth.data import ImageDataset, load_dataset
 from isynth.errors import Diverged, IsynthError
+from isynth.figures import loss_curves
 from isynth.files import atomic_write_text, writer_lock
 from isynth.hardware import autocast_for, default_device, init_distributed, peak_flops
 from isynth.paradigms import build_paradigm
@@ -317,6 +318,8 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
                 dist.barrier()
             t_window += time.perf_counter() - t_ckpt  # checkpoint time is not training throughput
     bar.close()
+    if rank == 0:  # the loss curve of the whole run, also after a resumption (`isynth plot` redraws it)
+        loss_curves([out], out / "loss")
     return out
 
 

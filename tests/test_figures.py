@@ -2,6 +2,8 @@
 temporary files, and a metric no group has writes nothing."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -118,3 +120,18 @@ def test_sample_grid_sheet(tmp_path):
         sample_grid_sheet([("missing", grids_dir / "nope.png")], out / "x")
     with pytest.raises(IsynthError, match="column"):
         sample_grid_sheet(grids, out / "x", columns=0)
+
+
+def test_loss_curves_overlay_runs_and_refuse_a_non_run(tmp_path):
+    from isynth.figures import loss_curves
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text('{"paradigm": "ar"}')
+        (run / "log.jsonl").write_text("\n".join(
+            json.dumps({"step": s, "loss": scale / s, "train_flops": 1e9 * s}) for s in range(1, 6)) + "\n{torn")
+    paths = loss_curves([tmp_path / "a", tmp_path / "b"], tmp_path / "both")
+    assert [p.name for p in paths] == ["both.png", "both.svg"]
+    assert Image.open(paths[0]).size[0] > 300
+    with pytest.raises(IsynthError, match="no log.jsonl"):
+        loss_curves([tmp_path], tmp_path / "x")

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import isynth.trainer as trainer
 from isynth.checkpoint import CHECKPOINT, CONFIG, LOG
 
-RUN_FILES = {CONFIG, CHECKPOINT, LOG}
+RUN_FILES = {CONFIG, CHECKPOINT, LOG, "loss.png", "loss.svg"}
 LOG_KEYS = {"step", "loss", "grad_norm", "lr", "train_flops", "samples_per_s", "mfu", "elapsed_s"}
 # rar exercises every kind of per-step randomness: batch choice, label dropout, random orders annealed over
 # the run (total 12 -> anneal between steps 6 and 9), and here dropout masks too.
