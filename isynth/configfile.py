@@ -3,16 +3,12 @@ before the command line's `SECTION.FIELD=VALUE` overrides, so the command line w
 from __future__ import annotations
 
 import json
+import tomllib
 from pathlib import Path
 
 import yaml
 
 from isynth.errors import IsynthError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = None
 
 
 def _load(path: Path) -> object:
@@ -26,8 +22,6 @@ def _load(path: Path) -> object:
         if suffix in (".yaml", ".yml"):
             return yaml.safe_load(text)
         if suffix == ".toml":
-            if tomllib is None:
-                raise IsynthError(f"--config {path}: reading TOML needs Python >= 3.11 (tomllib)")
             return tomllib.loads(text)
     except IsynthError:
         raise

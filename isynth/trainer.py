@@ -147,7 +147,8 @@ def train_step(ddp, model: Paradigm, opt, tokens, labels, lr: float, grad_clip: 
     for g in opt.param_groups:
         g["lr"] = lr
     total = torch.zeros((), device=tokens.device)
-    for i, (tok, lab) in enumerate(zip(tokens.chunk(accum), labels.chunk(accum))):
+    labs = labels.chunk(accum) if labels is not None else [None] * accum  # tokenizers train without labels
+    for i, (tok, lab) in enumerate(zip(tokens.chunk(accum), labs)):
         last = i == accum - 1
         with amp, (ddp.no_sync() if not last and ddp is not model else nullcontext()):
             loss = ddp(tok, lab)

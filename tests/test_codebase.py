@@ -98,12 +98,12 @@ def test_the_code_cites_papers_and_files_not_documents_outside_the_repository():
 
 def test_package_hygiene_license_types_and_version():
     """A LICENSE matching pyproject's, the py.typed marker shipped as package data, and `isynth --version`."""
-    import pytest
+    import tomllib
+
     from click.testing import CliRunner
 
     import isynth
     from isynth.cli import cli
-    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = ROOT
     meta = tomllib.loads((root / "pyproject.toml").read_text())
     assert meta["project"]["license"]["text"] == "MIT"
