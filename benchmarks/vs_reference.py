@@ -85,6 +85,17 @@ def isynth_model(paradigm: str, preset: str, device, discrete: bool):
     return build_paradigm(run, tok, Conditions.classes(CLASSES)).to(device)
 
 
+def reference_step(model, opt, loss_fn, amp) -> None:
+    """One optimizer step of the authors' model as isynth's trainer does it: autocast forward, backward,
+    clipping at 1, the optimizer."""
+    with amp:
+        loss = loss_fn()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_rate(step, device, batch: int, steps: int, warmup: int) -> float:
     for _ in range(warmup):  # compilation, autotuning, allocator
         step()
@@ -104,6 +115,20 @@ def sample_rates(fn_first, fn, device, batch: int, repeats: int) -> dict:
             "images_per_s": round(batch / steady, 2), "first_over_steady": round(first / steady, 2)}
 
 
+def compare_sampling(rows, name: str, ref_sample, ours, labels, device, repeats: int) -> None:
+    """Official sampler (warmed up by the caller) against isynth's as `isynth sample` runs it: bf16 sampling
+    weights and CUDA graphs, warmed up at batch 8, then the first batch at the size and the steady ones."""
+    b = len(labels)
+    r_ref = sample_rates(ref_sample, ref_sample, device, b, repeats)
+    s = ours.run.sample
+    with sampling_precision(ours), capturing(True):
+        def our_sample(n=b):
+            ours.sample(labels[:n], s, torch.Generator(device=device).manual_seed(0))
+        our_sample(8)
+        r_ours = sample_rates(our_sample, our_sample, device, b, repeats)
+    report(rows, name, official=r_ref, isynth=r_ours, ratio=round(r_ours["images_per_s"] / r_ref["images_per_s"], 2))
+
+
 def bench_rar(mod, device, args, rows):
     cfg = Attrs(model=Attrs(generator=Attrs(hidden_size=768, num_hidden_layers=24, num_attention_heads=16,
                                             intermediate_size=3072, image_seq_len=SEQ, condition_num_classes=CLASSES,
@@ -119,21 +144,14 @@ def bench_rar(mod, device, args, rows):
     labels = torch.arange(b, device=device) % CLASSES
     ref.eval()
     ours.eval()
-    s = ours.run.sample
 
     def ref_sample(n=b):
         with amp:
             ref.generate(labels[:n], guidance_scale=16.0, randomize_temperature=1.0, guidance_scale_pow=2.75)
 
     ref_sample(8)  # process warm-up (kernels, handles) at another size
-    r_ref = sample_rates(ref_sample, ref_sample, device, b, args.repeats)
-    with sampling_precision(ours), capturing(True):
-        def our_sample(n=b):
-            ours.sample(labels[:n], s, torch.Generator(device=device).manual_seed(0))
-        our_sample(8)
-        r_ours = sample_rates(our_sample, our_sample, device, b, args.repeats)
-    report(rows, f"RAR-B sampling, batch {b}, 256 steps, CFG 16", official=r_ref, isynth=r_ours,
-           ratio=round(r_ours["images_per_s"] / r_ref["images_per_s"], 2))
+    compare_sampling(rows, f"RAR-B sampling, batch {b}, 256 steps, CFG 16", ref_sample, ours, labels, device,
+                     args.repeats)
 
     if args.skip == "training":
         return
@@ -147,15 +165,13 @@ def bench_rar(mod, device, args, rows):
     lab = torch.randint(0, CLASSES, (tb,), device=device)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
 
+    def ref_loss():
+        logits, target = ref(ids, lab, return_labels=True)
+        logits = logits[:, :-1]  # the reference's ARLoss: the last position predicts nothing
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
+
     def ref_step():
-        with amp:
-            logits, target = ref(ids, lab, return_labels=True)
-            logits = logits[:, :-1]  # the reference's ARLoss: the last position predicts nothing
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt_ref.step()
-        opt_ref.zero_grad(set_to_none=True)
+        reference_step(ref, opt_ref, ref_loss, amp)
 
     opt = build_optimizer(ours, ours.run.train, device)
     rate_ref = train_rate(ref_step, device, tb, args.train_steps, 3)
@@ -188,21 +204,14 @@ def bench_mar(mod, device, args, rows):
     labels = torch.arange(b, device=device) % CLASSES
     ref.eval()
     ours = isynth_model("mar", "mar-b", device, discrete=False).eval()
-    s = ours.run.sample
 
     def ref_sample(n=b, steps=64):
         with amp:
             ref.sample_tokens(n, num_iter=steps, cfg=2.9, cfg_schedule="linear", labels=labels[:n], temperature=1.0)
 
     ref_sample(8, 4)
-    r_ref = sample_rates(ref_sample, ref_sample, device, b, args.mar_repeats)
-    with sampling_precision(ours), capturing(True):
-        def our_sample(n=b):
-            ours.sample(labels[:n], s, torch.Generator(device=device).manual_seed(0))
-        our_sample(8)
-        r_ours = sample_rates(our_sample, our_sample, device, b, args.mar_repeats)
-    report(rows, f"MAR-B sampling, batch {b}, 64 steps, CFG 2.9, 100 DDPM head steps", official=r_ref,
-           isynth=r_ours, ratio=round(r_ours["images_per_s"] / r_ref["images_per_s"], 2))
+    compare_sampling(rows, f"MAR-B sampling, batch {b}, 64 steps, CFG 2.9, 100 DDPM head steps", ref_sample, ours,
+                     labels, device, args.mar_repeats)
 
 
 def mar_training(ref, ours, device, args, rows, amp):
@@ -217,12 +226,7 @@ def mar_training(ref, ours, device, args, rows, amp):
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=True)
 
     def ref_step():
-        with amp:
-            loss = ref(x, lab)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt_ref.step()
-        opt_ref.zero_grad(set_to_none=True)
+        reference_step(ref, opt_ref, lambda: ref(x, lab), amp)
 
     opt = build_optimizer(ours, ours.run.train, device)
     rate_ref = train_rate(ref_step, device, tb, args.train_steps, 3)
