@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: setup compare test bench clean browser
+.PHONY: setup compare test bench clean browser mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -48,6 +48,27 @@ bench: $(STAMP)  ## CPU benchmarks of BENCHMARKS.md (the sweeps read the main jo
 	$(PY) benchmarks/sampling_sweep.py runs/compare/get $(foreach n,1 2 3 6 12,--variant "fixed_point_iters=$(n)")
 	$(VENV)/bin/isynth pairs runs/compare/diffusion --num-pairs 16384 --out runs/pairs16k --quiet
 	$(PY) benchmarks/get_pairing.py --pairs runs/pairs16k --out runs/get-pairing --steps 465
+
+# Mutation testing of the core modules (outside CI: hours on 2 cores; BENCHMARKS.md). One child process on one
+# thread; MUTANTS='isynth.masking*' restricts the run, and re-running continues where a run stopped.
+MUTATION_CHILDREN ?= 1
+MUTANTS ?=
+define MUTATION_SUMMARY
+import collections, glob, json
+kinds = {0: "survived", 1: "killed", 3: "killed", 5: "no tests", 33: "no tests", 34: "skipped", 36: "timeout",
+         24: "timeout", -24: "timeout", 152: "timeout", 255: "timeout", None: "not checked"}
+for path in sorted(glob.glob("mutants/isynth/**/*.py.meta", recursive=True)):
+    c = collections.Counter(kinds.get(v, "suspicious") for v in json.load(open(path))["exit_code_by_key"].values())
+    checked = sum(c.values()) - c["not checked"]
+    share = (c["killed"] + c["timeout"]) / checked if checked else float("nan")
+    print(f"{path[8:-5]:30s} killed {share:6.1%}  " + ", ".join(f"{k} {n}" for k, n in sorted(c.items())))
+endef
+export MUTATION_SUMMARY
+
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children $(MUTATION_CHILDREN) $(MUTANTS)
+	@$(PY) -c "$$MUTATION_SUMMARY"
 
 clean:
 	rm -rf $(VENV) runs

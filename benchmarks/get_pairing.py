@@ -28,7 +28,8 @@ from isynth.trainer import train
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())]
+    records = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]  # event records (a new budget) have none
 
 
 def svg(curves: dict[str, list[tuple[int, float]]], path: Path, w: int = 640, h: int = 360, pad: int = 50) -> None:

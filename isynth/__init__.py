@@ -9,3 +9,8 @@ os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 __version__ = "0.1.0"
+
+# Imported only now: the variables above must be set before anything loads torch.
+from isynth.hub import from_pretrained  # noqa: E402
+
+__all__ = ["__version__", "from_pretrained"]

@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, read_json
+from isynth.files import atomic_save_tensors, read_json, remove_dead_temporaries
 
 CONFIG, CHECKPOINT, LOG = "config.json", "checkpoint.safetensors", "log.jsonl"
 
@@ -33,10 +33,9 @@ def config_changes(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def remove_stale_temps(run_dir: Path) -> None:
-    """Delete the temporary files of writes that a killed run never finished (only the run's own files)."""
-    for name in (CONFIG, CHECKPOINT, LOG):
-        for tmp in Path(run_dir).glob(f".{name}.*.tmp"):
-            tmp.unlink(missing_ok=True)
+    """Delete the temporary files of writes that a killed run never finished (of processes that are gone)."""
+    remove_dead_temporaries(run_dir)
+    remove_dead_temporaries(Path(run_dir) / "samples")  # sample grids (isynth.tracking)
 
 
 def read_config_dict(run_dir: Path) -> dict:
@@ -130,8 +129,9 @@ def check_optimizer(opt: torch.optim.Optimizer, state: dict, source: Path) -> No
                 raise IsynthError(f"{source}: optimizer tensor {idx}/{name} has dtype {t.dtype} or non-finite values")
 
 
-def check_meta(meta: object, total_steps: int, source: Path) -> dict:
-    """The checkpoint's metadata: step an integer in [0, total steps], FLOPs and time finite and >= 0."""
+def check_meta(meta: object, total_steps: int | None, source: Path) -> dict:
+    """The checkpoint's metadata: step an integer in [0, total steps] (None: any >= 0), FLOPs and time
+    finite and >= 0."""
     def number(key: str, integer: bool = False) -> float:
         v = meta.get(key) if isinstance(meta, dict) else None
         ok = isinstance(v, int) if integer else isinstance(v, (int, float))
@@ -140,7 +140,7 @@ def check_meta(meta: object, total_steps: int, source: Path) -> dict:
                               f"{'integer' if integer else 'number'} >= 0, got {v!r}")
         return v
     step = number("step", integer=True)
-    if step > total_steps:
+    if total_steps is not None and step > total_steps:
         raise IsynthError(f"{source}: checkpoint step {step} is past this run's {total_steps} steps")
     number("train_flops")
     number("elapsed_s")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -22,17 +24,23 @@ from isynth.configdoc import describe, format_rows
 from isynth.configfile import config_overrides
 from isynth.data import load_dataset
 from isynth.errors import IsynthError
-from isynth.eval.images import save_grid, save_samples
+from isynth.eval.command import METRICS_OPTION, WEIGHTS_OPTION, weights_for
+from isynth.eval.command import fid as fid_command
+from isynth.eval.command import score as score_command
 from isynth.eval.run_eval import MIN_SAMPLES, evaluate_run
 from isynth.export import dataset as dataset_commands
 from isynth.figures import loss_curves
 from isynth.flopsreport import flops_report
+from isynth.hardware import init_distributed
+from isynth.hub import export as export_command
+from isynth.hub import is_exported, load_exported, record_command
 from isynth.latents import tokenize as tokenize_dataset
 from isynth.overrides import apply, budget_overrides, dataset_overrides, parse_overrides
 from isynth.pairs import generate_pairs
 from isynth.paradigms import paradigm_class
 from isynth.presets import make_run
-from isynth.runs import balanced_labels, generate, load_trained, parse_attrs, parse_labels, read_run_config
+from isynth.runs import balanced_labels, load_trained, parse_attrs, parse_labels, read_run_config
+from isynth.samplefiles import sample_to_file
 from isynth.sweepcommand import command_line
 from isynth.sweepcommand import report as report_command
 from isynth.sweepcommand import sweep as sweep_command
@@ -73,7 +81,7 @@ def cli():
 @cli.command()
 @click.argument("paradigm")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path),
-              help="Run directory (re-running resumes).")
+              help="Run directory (re-running resumes; another --steps or --flops extends the run).")
 @click.option("--dataset", default=None,
               help="digits (default), shapes, a path to an .npz (arr_0 uint8 NHWC, labels), folder:PATH or "
                    "latents:DIR.")
@@ -83,17 +91,21 @@ def cli():
 @click.option("--flops", type=float, default=None, help="Training budget in training FLOPs (e.g. 1e13).")
 @click.option("--shuffle-pairs", is_flag=True,
               help="get only: train on randomly re-paired (noise, image) pairs, the control of GET's claim.")
+@click.option("--init-from", "init_from", type=click.Path(path_type=Path), default=None,
+              help="A new run that starts from this run's EMA weights (fine-tuning; same paradigm and tensor "
+                   "shapes, e.g. on another dataset); resume it without --init-from.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @CONFIG_FILE
 @OVERRIDES
-def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, config_file, overrides):
+def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, init_from, quiet, config_file, overrides):
     """Train PARADIGM (ar, rar, maskgit, mdm, mar, ar-cont, diffusion, get) into --out."""
     if shuffle_pairs and paradigm != "get":
         raise IsynthError(f"--shuffle-pairs is a control for get's teacher pairs; {paradigm!r} has none")
     shuffle = ["method.shuffle_pairs=true"] if shuffle_pairs else []
     run = make_run(paradigm, preset, [*_file_overrides(config_file, paradigm), *dataset_overrides(dataset),
                                       *budget_overrides(steps, flops), *shuffle, *overrides])
-    run_training(run, out, progress=not quiet)
+    run_training(run, out, progress=not quiet, init_from=init_from)
+    record_command(out, command_line())  # for the model card of `isynth export`
     if not quiet:
         click.echo(f"trained {paradigm} -> {out}")
 
@@ -112,17 +124,29 @@ def train(paradigm, out, dataset, preset, steps, flops, shuffle_pairs, quiet, co
                    'their values; digits: "class=3").')
 @click.option("--labels", "label_list", default=None,
               help="Class ids, one per sample, e.g. 3,3,7 (sets --num-samples; not with --attrs).")
+@click.option("--shard-size", type=int, default=1000, show_default=True,
+              help="Images per shard: memory is bounded by one shard, and a killed run resumes at its first "
+                   "missing one.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @OVERRIDES
-def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, label_list, overrides):
+def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, label_list, shard_size, quiet,
+           overrides):
     """Generate class-conditional samples from RUN_DIR; labels (class ids) cycle through every combination of
-    the attributes (digits: the classes), or through those that match --attrs, or are given by --labels."""
+    the attributes (digits: the classes), or through those that match --attrs, or are given by --labels.
+    Under `torchrun --nproc_per_node N -m isynth sample ...` the processes share the shards; the file is the
+    one a single process writes with the same seed."""
     if label_list is not None and attrs is not None:
         raise IsynthError("give --labels or --attrs, not both")
     if num_samples <= 0:
         raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
+    if shard_size < 1:
+        raise IsynthError(f"--shard-size must be >= 1, got {shard_size}")
     if out.suffix != ".npz":
         raise IsynthError(f"--out must be an .npz file, got {out}")
-    model, dataset, _ = load_trained(run_dir, use_ema=not no_ema)
+    if out.is_dir():
+        raise IsynthError(f"--out {out} is a directory; give a file name ending in .npz")
+    rank, _ = init_distributed()
+    model, dataset, _ = (load_exported if is_exported(run_dir) else load_trained)(run_dir, use_ema=not no_ema)
     s = _sampling(model.run, overrides, cfg_scale, kv_cache)
     if label_list is not None:
         labels, asked = parse_labels(label_list, dataset.conditions.num_classes), {}
@@ -136,13 +160,11 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, 
             raise IsynthError(f"--attrs: {e}") from None
         labels = balanced_labels(num_samples, dataset.conditions, fixed)
         asked = {"attrs": {dataset.conditions.names[k]: dataset.conditions.values[k][v] for k, v in fixed.items()}}
-    images, seconds = generate(model, labels, s, seed=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_samples(out, images, labels)
-    save_grid(out.with_suffix(".png"), images[:100])
-    click.echo(json.dumps({"out": str(out), "num_samples": num_samples, "images_per_s": round(num_samples / seconds, 2),
-                           "sample_flops_per_image": model.sample_flops(s), "sampling": dataclasses.asdict(s),
-                           **asked}))
+    written = sample_to_file(model, run_dir, labels, s, out, seed=seed, shard_size=shard_size, use_ema=not no_ema,
+                             progress=not quiet)
+    if rank == 0:
+        click.echo(json.dumps({**written, "sample_flops_per_image": model.sample_flops(s),
+                               "sampling": dataclasses.asdict(s), **asked}))
 
 
 @cli.command(name="eval")
@@ -151,14 +173,19 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--cfg-scale", type=float, default=None, help="Guidance weight g (1 = no CFG).")
 @click.option("--no-ema", is_flag=True, help="Evaluate the raw weights instead of the EMA weights.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@METRICS_OPTION
+@WEIGHTS_OPTION
 @OVERRIDES
-def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, overrides):
+def evaluate(run_dir, num_samples, seed, cfg_scale, no_ema, quiet, metrics, inception_weights, overrides):
     """Sample RUN_DIR, score the samples, write RUN_DIR/metrics.json and print it."""
     if num_samples is not None and num_samples < MIN_SAMPLES:
         raise IsynthError(f"--num-samples must be >= {MIN_SAMPLES}, got {num_samples}")
+    weights = weights_for(metrics, inception_weights)
     # Only the config is needed here; evaluate_run loads the weights once.
     s = _sampling(read_run_config(run_dir), overrides, cfg_scale, None)
-    click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema), indent=2))
+    click.echo(json.dumps(evaluate_run(run_dir, num_samples, s, seed, use_ema=not no_ema, inception_weights=weights,
+                                       progress=not quiet), indent=2))
 
 
 @cli.command()
@@ -292,6 +319,9 @@ cli.add_command(sweep_command)
 cli.add_command(report_command)
 cli.add_command(claim_command)
 cli.add_command(tokenizer_commands)
+cli.add_command(fid_command)
+cli.add_command(score_command)
+cli.add_command(export_command)
 
 # click >= 8.2 raises this for a bare `isynth`; older versions print the help and exit 0 themselves.
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -302,9 +332,34 @@ def _error(message: object) -> None:
     click.echo(f"isynth: error: {' '.join(str(message).split())}", err=True)
 
 
+class Stopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM (a scheduler's pre-emption, `kill`, torchrun stopping its workers), unwound
+    like any exception so that temporary files are removed, locks released and the last checkpoint kept. Not
+    a KeyboardInterrupt, which click would turn into Abort after printing an empty line."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+    previous = {sig: signal.signal(sig, _stop) for sig in handled}  # restored below for in-process callers
     try:
-        cli.main(args=argv, prog_name="isynth", standalone_mode=False)
+        return _main(argv)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = list(sys.argv[1:] if argv is None else argv)
+        cli.main(args=args, prog_name="isynth", standalone_mode=False, obj={"argv": args})
     except _NO_ARGS_IS_HELP as e:  # bare `isynth`: the help, as with --help
         click.echo(e.ctx.get_help())
         return 0
@@ -317,20 +372,20 @@ def main(argv: list[str] | None = None) -> int:
     except (MemoryError, torch.OutOfMemoryError) as e:
         _error(f"out of memory ({type(e).__name__}: {str(e)[:200]}); lower train.batch_size or sample.batch_size")
         return 2
-    except RuntimeError as e:
+    except Stopped as e:
+        click.echo("isynth: interrupted" if e.signum == signal.SIGINT else "isynth: terminated (SIGTERM)", err=True)
+        return 128 + e.signum  # as a shell reports a process the signal ended: 130, 143
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Ctrl-C where no handler could be set (a thread)
+        click.echo("isynth: interrupted", err=True)
+        return 130
+    except RuntimeError as e:  # after Abort, which is one
         if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
             raise
         _error(f"out of memory ({str(e)[:200]}); lower train.batch_size or sample.batch_size")
         return 2
-    except click.exceptions.Abort:
-        click.echo("isynth: interrupted", err=True)
-        return 130
     except click.ClickException as e:
         _error(e.format_message())
         return e.exit_code
-    except KeyboardInterrupt:
-        click.echo("isynth: interrupted", err=True)
-        return 130
     return 0
 
 

@@ -111,6 +111,9 @@ class TokenizerConfig:
         return self.kind in DISCRETE_KINDS
 
 
+LOG_SINKS = ("tensorboard", "wandb")  # train.log_to's sinks (isynth.tracking), each an optional extra
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128         # global batch (split across DDP ranks)
@@ -137,6 +140,8 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     grad_accum: int = 1           # micro-batches per optimizer step (the global batch is split further)
     checkpoint_activations: bool = False  # recompute each block in the backward pass (memory for compute)
+    sample_every: int = 0         # steps between sample grids (RUN/samples/, EMA weights, fixed labels); 0: none
+    log_to: str = "none"          # sinks besides log.jsonl: none, tensorboard, wandb or tensorboard,wandb
 
     def __post_init__(self):
         check(self.batch_size > 0, "train.batch_size must be > 0")
@@ -158,6 +163,16 @@ class TrainConfig:
         check(self.train_flops is None or 0 < self.train_flops < math.inf,
               f"train.train_flops must be a finite number > 0, got {self.train_flops}")
         check(self.log_every > 0 and self.ckpt_every > 0, "train.log_every and train.ckpt_every must be > 0")
+        check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0: no sample grids), got {self.sample_every}")
+        unknown = [n for n in self.log_sinks if n not in LOG_SINKS]
+        check(not unknown, f"train.log_to: unknown sink {unknown[0] if unknown else ''!r}; use none, "
+                           f"{', '.join(LOG_SINKS)} or a comma-separated list of them")
+
+    @property
+    def log_sinks(self) -> tuple[str, ...]:
+        """The tracking sinks of `log_to`, each once, in the order given (none: no sink)."""
+        names = [n.strip() for n in self.log_to.split(",")]
+        return () if names == ["none"] else tuple(dict.fromkeys(names))
 
 
 M = TypeVar("M")  # a paradigm's training section (its `Config`)

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from isynth import latents, shapes
 from isynth.conditions import Conditions
 from isynth.config import DataConfig
 from isynth.errors import IsynthError
 from isynth.folder import load_folder
+from isynth.memory import check_images_memory, require
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,16 @@ class ImageDataset:
         return tuple(self.train_images.shape[1:])  # (H, W, C)
 
 
-def validate_images(images: np.ndarray, labels: np.ndarray, source: str) -> None:
-    """Raise IsynthError naming the first problem with an (images, labels) pair."""
+def validate_images(images: np.ndarray, labels: np.ndarray, source: str, min_images: int = 2) -> None:
+    """Raise IsynthError naming the first problem with an (images, labels) pair (a dataset needs two images
+    to split; a sample file may hold one)."""
     if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
         raise IsynthError(f"{source}: images must be uint8, got {getattr(images, 'dtype', type(images))}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < 1:
         raise IsynthError(f"{source}: images must have shape [N, H, W, C] with H, W >= 1 and C in (1, 3), "
                           f"got {list(images.shape)}")
-    if images.shape[0] < 2:
-        raise IsynthError(f"{source}: need at least 2 images, got {images.shape[0]}")
+    if images.shape[0] < min_images:
+        raise IsynthError(f"{source}: need at least {min_images} images, got {images.shape[0]}")
     if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "iu":
         raise IsynthError(f"{source}: labels must be integers, got {getattr(labels, 'dtype', type(labels))}")
     if labels.shape != (images.shape[0],):
@@ -72,7 +75,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
-def read_npz(path: str | Path, what: str = "dataset") -> tuple[np.ndarray, np.ndarray]:
+def read_npz(path: str | Path, what: str = "dataset", min_images: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate an ADM-style .npz: (images uint8 [N, H, W, C], labels int64 [N])."""
     p = Path(path)
     if not p.is_file():
@@ -88,6 +91,9 @@ def read_npz(path: str | Path, what: str = "dataset") -> tuple[np.ndarray, np.nd
                 if missing:
                     raise IsynthError(f"{p}: missing array(s) {missing}, found {f.files} "
                                       f"(want arr_0 uint8 [N, H, W, C] and labels int64 [N])")
+                # The arrays' uncompressed sizes, before reading them: a file larger than memory is refused.
+                require(f"reading {p}", sum(i.file_size for i in f.zip.infolist()), torch.device("cpu"),
+                        "use an image folder (folder:PATH), which is read from disk as needed")
                 images, labels = f["arr_0"], f["labels"]
     except IsynthError:
         raise
@@ -97,7 +103,7 @@ def read_npz(path: str | Path, what: str = "dataset") -> tuple[np.ndarray, np.nd
         why = "unknown format or pickled objects, which isynth never loads" if "pickle" in str(e) else \
             f"{type(e).__name__}: {e}"
         raise IsynthError(f"{p}: not a readable .npz file ({why})") from None
-    validate_images(images, labels, str(p))
+    validate_images(images, labels, str(p), min_images)
     return images, labels.astype(np.int64)
 
 
@@ -110,6 +116,7 @@ def _load_npz(path: str | None) -> tuple[np.ndarray, np.ndarray]:
 def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Load a dataset and split it with a seeded permutation (the same split on every machine)."""
     if cfg.name == "shapes":
+        check_images_memory("the shapes dataset", cfg.num_images, (cfg.side, cfg.side, 3), "lower data.num_images")
         train, train_ids, held, held_ids, cond = shapes.generate(cfg.num_images, cfg.eval_fraction, cfg.side,
                                                                   cfg.split_seed)
         return ImageDataset("shapes", train, train_ids, held, held_ids, cond)

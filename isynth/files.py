@@ -9,13 +9,15 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from isynth.errors import IsynthError
@@ -91,6 +93,47 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def remove_dead_temporaries(directory: Path, name: str = "*") -> None:
+    """Delete the `.<name>.<pid>.<random>.tmp` files and directories in `directory` (every name by default)
+    but those of a live process: what writes killed before their rename left."""
+    for tmp in Path(directory).glob(f".{name}.*.tmp"):
+        pid = tmp.name.split(".")[-3]
+        if not (pid.isdigit() and process_alive(int(pid))):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def new_directory(out: str | os.PathLike, fill: Callable[[Path], None]) -> None:
+    """Make directory `out` holding what `fill(tmp)` writes into `tmp`, appearing whole at once: it is built
+    beside `out` under `.<name>.<pid>.<random>.tmp` and renamed into place (over an empty directory, e.g. one
+    the user made). A failure removes the build; what a killed build left is removed by the next."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out.parent, out.name)
+    if out.is_dir():
+        remove_dead_temporaries(out)  # an empty directory but for what killed writes left in it
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
@@ -98,10 +141,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
 def atomic_save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
-    """A safetensors file written to a temporary name and renamed into place."""
+    """A safetensors file written to a temporary name and renamed into place, with the usual permissions
+    (safetensors creates its files 0600, unreadable to the rest of a team sharing runs)."""
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        try:
+            save_file(tensors, tmp, metadata=metadata)
+        except SafetensorError as e:  # its writer's I/O errors (a full disk) come as its own type
+            raise OSError(f"writing {path}: {e}") from None
+        os.chmod(tmp, 0o666 & ~UMASK)
 
 
 def read_json(path: str | os.PathLike, what: str):

@@ -26,7 +26,14 @@ from safetensors.torch import load_file
 
 from isynth.config import DataConfig, TokenizerConfig
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text, one_writer, read_json
+from isynth.files import (
+    atomic_save_tensors,
+    atomic_write_text,
+    new_directory,
+    one_writer,
+    read_json,
+    remove_dead_temporaries,
+)
 from isynth.tokendata import SampledLatents
 from isynth.tokenizers.base import Tokenizer
 
@@ -70,9 +77,9 @@ def tokenize(tokenizer: Tokenizer, tokenizer_cfg: TokenizerConfig, data_cfg: Dat
              "discrete": tokenizer.discrete, "moments": moments, "shard_size": shard_size,
              "encode_flops_per_image": tokenizer.encode_flops(), "shards": []}
     manifest = _resume(out, fresh)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".shard-*.tmp"):
-        tmp.unlink(missing_ok=True)
+    if not (out / MANIFEST).is_file():  # the directory appears with its manifest: never one a rerun refuses
+        new_directory(out, lambda d: atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=2) + "\n"))
+    remove_dead_temporaries(out)  # what a killed run was writing
     while len(manifest["shards"]) * shard_size < num:
         i = len(manifest["shards"])
         rows = np.arange(i * shard_size, min((i + 1) * shard_size, num))

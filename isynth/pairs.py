@@ -16,22 +16,29 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
+from tqdm import tqdm
 
 from isynth.checkpoint import CHECKPOINT
 from isynth.errors import IsynthError
-from isynth.files import atomic_save_tensors, atomic_write_text, one_writer, sha256_file
+from isynth.files import (
+    atomic_save_tensors,
+    atomic_write_text,
+    new_directory,
+    one_writer,
+    remove_dead_temporaries,
+    sha256_file,
+)
 from isynth.pairformat import FORMAT, MANIFEST, read_manifest, shard_name
 from isynth.paradigms.base import FromNoise
-from isynth.runs import balanced_labels, load_trained
+from isynth.runs import balanced_labels, check_sampling_memory, load_trained, shard_seed
 
 TEACHER_PARADIGMS = ("diffusion",)  # paradigms with a deterministic noise -> image map (`sample_from`)
 
 
 def _shard_noise(seed: int, index: int, shard_size: int, seq_len: int, token_dim: int) -> torch.Tensor:
     """The full shard's noise (shard_size, N, D): a partial last shard is a prefix of the full one."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, index]).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(shard_seed(seed, index))
     return torch.randn(shard_size, seq_len, token_dim, generator=gen)
 
 
@@ -50,6 +57,9 @@ def generate_pairs(teacher_dir: Path, num_pairs: int, out: Path, sampling=None, 
         raise IsynthError(f"{teacher_dir} is a {model.run.paradigm!r} run; a pair teacher must be a "
                           f"{' or '.join(map(repr, TEACHER_PARADIGMS))} run (a deterministic ODE sampler)")
     s = sampling or model.run.sample
+    # A shard's noise and targets (float32 tokens) are held at once, beside one sampling batch.
+    count = min(shard_size, num_pairs)
+    check_sampling_memory(model, s, count, (2 * model.seq_len * model.token_dim * 4,), "a shard of pairs")
     identity = {
         "run_dir": str(teacher_dir.resolve()), "paradigm": model.run.paradigm, "step": meta["step"],
         "train_flops": meta["train_flops"], "checkpoint_sha256": sha256_file(teacher_dir / CHECKPOINT), "ema": use_ema,
@@ -64,30 +74,37 @@ def generate_pairs(teacher_dir: Path, num_pairs: int, out: Path, sampling=None, 
         "num_pairs": 0, "shards": [],
     }
     manifest = _resume_manifest(out, fresh)
-    out.mkdir(parents=True, exist_ok=True)
-    for tmp in out.glob(".shard-*.tmp"):
-        tmp.unlink(missing_ok=True)
+    if not (out / MANIFEST).is_file():  # the directory appears with its manifest: never one a rerun refuses
+        new_directory(out, lambda d: atomic_write_text(d / MANIFEST, json.dumps(manifest, indent=2) + "\n"))
+    remove_dead_temporaries(out)  # what a killed run was writing
     dev = model.device
+    bar = tqdm(total=num_pairs, initial=manifest["num_pairs"], desc="pairs", unit="pair",
+               disable=not progress or None, leave=False)
     while manifest["num_pairs"] < num_pairs:
         shards = manifest["shards"]
         if shards and shards[-1]["count"] < shard_size:  # extend a partial last shard: regenerate it whole
-            manifest["num_pairs"] -= shards.pop()["count"]
+            popped = shards.pop()["count"]
+            manifest["num_pairs"] -= popped
+            bar.update(-popped)
         i, start = len(shards), manifest["num_pairs"]
         count = min(shard_size, num_pairs - start)
         noise = _shard_noise(seed, i, shard_size, model.seq_len, model.token_dim)[:count]
         labels = torch.from_numpy(balanced_labels(start + count, dataset.conditions)[start:])
         t0 = time.perf_counter()
-        target = torch.cat([model.sample_from(noise[j:j + s.batch_size].to(dev), labels[j:j + s.batch_size].to(dev),
-                                              s).cpu()
-                            for j in range(0, count, s.batch_size)])
+        parts = []
+        for j in range(0, count, s.batch_size):
+            parts.append(model.sample_from(noise[j:j + s.batch_size].to(dev), labels[j:j + s.batch_size].to(dev),
+                                           s).cpu())
+            bar.update(len(parts[-1]))
+        target = torch.cat(parts)
         seconds = time.perf_counter() - t0
         atomic_save_tensors(out / shard_name(i), {"noise": noise.contiguous(), "target": target.contiguous(),
                                                     "labels": labels})
         shards.append({"file": shard_name(i), "count": count, "seconds": round(seconds, 3)})
         manifest["num_pairs"] = start + count
         atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-        if progress:
-            print(f"{out}: {manifest['num_pairs']}/{num_pairs} pairs ({count / seconds:.1f} pairs/s)")
+        bar.set_postfix(pairs_per_s=round(count / seconds, 1))
+    bar.close()
     return manifest
 
 

@@ -107,8 +107,11 @@ def sweep(out, preset, file, shard, threads, quiet, overrides, **options):
 
 
 def command_line() -> str:
-    """This process's command line as a user would type it (`isynth ...`)."""
-    return shlex.join(["isynth", *sys.argv[1:]])
+    """The running command as a user would type it (`isynth ...`): the arguments `isynth.cli.main` was given
+    (also when it is called in-process, e.g. by tests), else this process's."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return shlex.join(["isynth", *(obj["argv"] if isinstance(obj, dict) and "argv" in obj else sys.argv[1:])])
 
 
 @click.command()

@@ -11,6 +11,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,14 @@ from isynth.data import ImageDataset, load_dataset
 from isynth.errors import Diverged, IsynthError
 from isynth.figures import loss_curves
 from isynth.files import atomic_write_text, writer_lock
+from isynth.finetune import load_init, write_init
 from isynth.hardware import autocast_for, default_device, init_distributed, peak_flops
+from isynth.memory import TRAINING_COPIES, check_training_memory, require, state_bytes
 from isynth.paradigms import build_paradigm
 from isynth.paradigms.base import Paradigm
-from isynth.runs import prepare_run_dir
+from isynth.runs import change_budget, prepare_run_dir
 from isynth.tokenizers.build import build_tokenizer
+from isynth.tracking import SampleGrids, Tracker, check_sinks
 
 
 def total_steps_for(train: TrainConfig, flops_per_sample: int) -> int:
@@ -54,7 +58,12 @@ def total_steps_for(train: TrainConfig, flops_per_sample: int) -> int:
 
 
 def lr_at(step: int, total: int, train: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to min_lr (RAR Table 6) or constant (MAR, GET)."""
+    """Linear warm-up, then cosine decay to min_lr (RAR Table 6) or constant (MAR, GET).
+
+    A function of the total: a run whose budget is raised (or lowered) continues on the new total's schedule
+    from the step it reached, so a cosine run's rate jumps from where the old schedule ended to
+    lr_at(step, new total), and the warm-up's length follows the new total. A constant rate without warm-up
+    is the same for every total: such a run extended from 20 to 40 steps is the 40-step run, bit for bit."""
     warmup = int(train.warmup_fraction * total)
     if step < warmup:
         return train.lr * (step + 1) / warmup
@@ -115,6 +124,10 @@ def build(run: RunConfig, device: torch.device | None = None, check_data: bool =
     tokenizer = tokenizer.to(device)
     if check_data:
         tokenizer.check_data(dataset.train_images)
+    with torch.device("meta"):  # the weights' size, before a model too large for the machine is allocated
+        shape_only = build_paradigm(run, tokenizer, dataset.conditions)
+    require("the model's training state", state_bytes(shape_only, TRAINING_COPIES), device,
+            "lower model.width or model.depth", "weights, gradients, AdamW moments and EMA")
     model = build_paradigm(run, tokenizer, dataset.conditions).to(device)
     if check_data:
         model.validate_training(dataset)
@@ -177,26 +190,37 @@ def _ema_copy(model: Paradigm) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train(run: RunConfig, out: Path, progress: bool = True) -> Path:
-    """Train `run` into directory `out`, resuming from its checkpoint if there is one. One process writes a
-    run directory at a time (`writer_lock`); a non-finite loss or gradient norm stops training with
-    `Diverged` (or skips the batch, up to train.skip_nonfinite times) and is never checkpointed."""
+def train(run: RunConfig, out: Path, progress: bool = True, init_from: Path | None = None) -> Path:
+    """Train `run` into directory `out`, resuming from its checkpoint if there is one; another budget for an
+    existing run extends (or shortens) it (`runs.change_budget`). A new run with `init_from` starts from that
+    run's EMA weights (`isynth.finetune`). One process writes a run directory at a time (`writer_lock`); a
+    non-finite loss or gradient norm stops training with `Diverged` (or skips the batch, up to
+    train.skip_nonfinite times) and is never checkpointed."""
     rank, world = init_distributed()
     device = default_device()
     torch.manual_seed(run.train.seed)  # identical initial weights on every rank and every attempt
     s = build(run, device)
+    check_sinks(run.train.log_sinks)  # a missing extra is named before any run directory exists
     if run.train.batch_size % (world * run.train.grad_accum):
         raise IsynthError(f"train.batch_size={run.train.batch_size} is not divisible by {world} processes x "
                           f"train.grad_accum={run.train.grad_accum} micro-batches")
     # The training data before the run directory: unreadable data (e.g. a corrupt pair shard) leaves nothing.
     data = tuple(t.to(device) for t in s.model.training_data(s.dataset))  # (N, T[, D]), (N,)
+    check_training_memory(s.model, *data, run.train.batch_size // (world * run.train.grad_accum),
+                          autocast_for(device), device)
     out = Path(out)
-    with writer_lock(out) if rank == 0 else nullcontext():
-        if rank == 0:
-            prepare_run_dir(out, run)
+    fill = None
+    if init_from is not None:  # the source is checked and its weights loaded before anything is written
+        source = load_init(init_from, run, s.model)
+        fill = partial(write_init, model=s.model, optimizer=build_optimizer(s.model, run.train, device),
+                       record=source, total_steps=s.total_steps, flops_per_sample=s.flops_per_sample)
+    with writer_lock(out) if rank == 0 else nullcontext(), Tracker(run, out, active=rank == 0) as tracker:
+        saved = prepare_run_dir(out, run, fill) if rank == 0 else None
+        if rank == 0 and init_from is not None:
+            print(f"{out}: starts from the EMA weights of {source['run_dir']} at step {source['step']}")
         if world > 1:
             dist.barrier()
-        return _train(s, data, out, rank, world, device, progress)
+        return _train(s, data, out, rank, world, device, progress, saved, tracker)
 
 
 def _check_finite(bad_count: torch.Tensor, first_bad: torch.Tensor, cfg: TrainConfig, last_ckpt: int) -> None:
@@ -214,7 +238,7 @@ def _check_finite(bad_count: torch.Tensor, first_bad: torch.Tensor, cfg: TrainCo
 
 
 def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: int, world: int,
-           device: torch.device, progress: bool) -> Path:
+           device: torch.device, progress: bool, saved: RunConfig | None, tracker: Tracker) -> Path:
     run, model, cfg, total = s.run, s.model, s.run.train, s.total_steps
     tokens_all, labels_all = data
 
@@ -222,15 +246,20 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
     ema = _ema_copy(model)
     start_step, flops_done, elapsed = 0, 0.0, 0.0
     ckpt = out / CHECKPOINT
+    new_budget = saved is not None and saved.train != run.train  # prepare_run_dir allows no other change
     if ckpt.exists():
         weights, ema_w, opt_state, meta = load_checkpoint(ckpt)
         load_weights(model, weights, ckpt)  # another config's checkpoint is named as such first
         check_state(ema, ema_w, ckpt, "EMA")
         check_optimizer(opt, opt_state, ckpt)
-        meta = check_meta(meta, total, ckpt)
+        meta = check_meta(meta, None if new_budget else total, ckpt)  # change_budget checks a new budget
         ema = {k: v.to(device) for k, v in ema_w.items()}
         opt.load_state_dict(opt_state)
         start_step, flops_done, elapsed = meta["step"], meta["train_flops"], meta["elapsed_s"]
+    if new_budget and rank == 0:  # the checkpoint is read and valid: only now does config.json take the new budget
+        note = change_budget(out, run, start_step, total_steps_for(saved.train, s.flops_per_sample), total)
+        if note:
+            print(note)
     if rank == 0:  # also without a checkpoint: a kill during the first one leaves log lines to drop
         truncate_log(out / LOG, start_step)
     if start_step >= total:
@@ -238,6 +267,8 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
             print(f"{out}: already trained for {total} steps")
         return out
 
+    tracker.open(start_step)
+    grids = SampleGrids(model, out, cfg.sample_every, start_step) if rank == 0 else None  # before compiling
     prepare_training(model, cfg, device)
     if rank == 0 and progress:
         budget = f"{cfg.train_flops:.3g} training FLOPs" if cfg.train_flops is not None else f"{cfg.max_steps} steps"
@@ -296,28 +327,34 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
             if cfg.skip_nonfinite:
                 rec["skipped_batches"] = int(bad_count.item())
             log_lines.append(json.dumps(rec))
+            tracker.log(rec)
             bar.set_postfix(loss=rec["loss"], mfu=rec["mfu"])
             for t in (window_loss, window_norm, window_good):
                 t.zero_()
             window_n, t_window = 0, time.perf_counter()
-        if done % cfg.ckpt_every == 0 or done == total:
+        grid = cfg.sample_every > 0 and (done % cfg.sample_every == 0 or done == total)  # on every rank
+        save = done % cfg.ckpt_every == 0 or done == total
+        if grid or save:
             t_ckpt = time.perf_counter()
             _check_finite(bad_count, first_bad, cfg, last_ckpt)
-            if not all_finite(model_params + ema_params):  # never a checkpoint with a non-finite value
+            if not all_finite(model_params + ema_params):  # never a checkpoint or grid of non-finite weights
                 raise Diverged(f"training diverged by step {done}: the weights are not finite; "
                                + (f"the checkpoint of step {last_ckpt} is kept" if last_ckpt else
                                   "no checkpoint was written"))
-            last_ckpt = done
-            if rank == 0:
-                append_log(out / LOG, log_lines)
-                meta = {"step": done, "total_steps": total, "train_flops": flops_done, "elapsed_s": elapsed,
-                        "flops_per_sample": s.flops_per_sample, "peak_flops": peak, "peak_source": peak_how,
-                        "world_size": world, "device": str(device)}
-                save_checkpoint(out / CHECKPOINT, model.state_dict(), ema, opt.state_dict(), meta)
-            log_lines = []
-            if world > 1:
-                dist.barrier()
-            t_window += time.perf_counter() - t_ckpt  # checkpoint time is not training throughput
+            if grid and grids is not None:  # before the checkpoint: a run resumed from it draws no grid twice
+                grids.write(done, ema, tracker)
+            if save:
+                last_ckpt = done
+                if rank == 0:
+                    append_log(out / LOG, log_lines)
+                    meta = {"step": done, "total_steps": total, "train_flops": flops_done, "elapsed_s": elapsed,
+                            "flops_per_sample": s.flops_per_sample, "peak_flops": peak, "peak_source": peak_how,
+                            "world_size": world, "device": str(device)}
+                    save_checkpoint(out / CHECKPOINT, model.state_dict(), ema, opt.state_dict(), meta)
+                log_lines = []
+                if world > 1:
+                    dist.barrier()
+            t_window += time.perf_counter() - t_ckpt  # sampling and checkpoint time are not training throughput
     bar.close()
     if rank == 0:  # the loss curve of the whole run, also after a resumption (`isynth plot` redraws it)
         loss_curves([out], out / "loss")

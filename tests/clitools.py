@@ -1,4 +1,4 @@
-"""Helpers for tests that run `isynth` as a real subprocess, so exit codes and stderr are what a user sees.
+"""Helpers for tests that run `isynth` as a process of its own, so exit codes and stderr are what a user sees.
 
 `ENV` is the subprocesses' environment; conftest's session fixture fills it before any test runs (the
 session's feature-net cache, never ~/.cache).
@@ -9,24 +9,33 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import forkcli
 import numpy as np
 import pytest
+
+from isynth.files import writer_lock
 
 TIMEOUT_S = 300
 WORKERS = (os.cpu_count() or 2) + 1  # start-up is partly I/O: one more process than cores keeps them busy
 ENV: dict[str, str] = {}  # the subprocesses' environment, set before any test or fixture runs
 
 
-def run_cli(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args, cwd: Path | None = None, prelude: str = "") -> subprocess.CompletedProcess:
+    """`isynth ARGS...` as a process of its own (tests/forkcli.py); `prelude` is Python it runs first (e.g. a
+    writer that finds the disk full), then the command line."""
     assert ENV.get("ISYNTH_CACHE"), "the _subprocess_env fixture sets the environment"
-    return subprocess.run([sys.executable, "-m", "isynth", *map(str, args)], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return forkcli.run([str(a) for a in args], cwd, ENV, prelude, TIMEOUT_S)
+
+
+def run_cli_signalled(*args, signum: int, when: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`isynth ARGS...` sent `signum` as soon as the path `when` exists (a checkpoint, a shard)."""
+    return forkcli.run([str(a) for a in args], cwd, ENV, timeout=TIMEOUT_S, signal_when=(signum, when))
 
 
 def run_many(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
@@ -40,14 +49,16 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return result
 
 
-def assert_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
-    """Exit 2, exactly one non-empty stderr line `isynth: error: ...` containing every fragment."""
+def assert_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> str:
+    """Exit `code`, exactly one non-empty stderr line containing every fragment: `isynth: error: ...` for an
+    error (2, 3), `isynth: ...` for a signal (130 interrupted, 143 terminated)."""
     lines = result.stderr.splitlines()
     assert "Traceback" not in result.stderr + result.stdout, result.stderr
-    assert result.returncode == 2, f"exit {result.returncode}, stderr:\n{result.stderr}"
+    assert result.returncode == code, f"exit {result.returncode}, want {code}, stderr:\n{result.stderr}"
     assert len(lines) == 1, f"want one stderr line, got {len(lines)}:\n{result.stderr}"
     line = lines[0]
-    assert line.startswith("isynth: error: ") and line.strip() != "isynth: error:", line
+    prefix = "isynth: error: " if code in (2, 3) else "isynth: "
+    assert line.startswith(prefix) and line.strip() != prefix.strip(), line
     for frag in fragments:
         assert frag.lower() in line.lower(), f"{frag!r} not in {line!r}"
     return line
@@ -91,21 +102,44 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 @dataclass
 class Case:
-    """A command that must fail cleanly; `watch`ed paths must be exactly as before (or still absent)."""
+    """A command that must fail cleanly: exit `code` with one stderr line holding every fragment; `watch`ed
+    paths exactly as before (or still absent), `absent` paths not there, and `check(result)` (more
+    conditions, e.g. a checkpoint that still loads) true. The test holds the writer lock of every `locked`
+    directory while the command runs; `prelude` is Python the command's process runs first (a patched
+    writer); with `signal` = (signum, path) the command gets the signal once the path exists."""
 
     args: list
     fragments: tuple[str, ...] = ()
     watch: list[Path] = field(default_factory=list)
     cwd: Path | None = None
+    code: int = 2
+    absent: list[Path] = field(default_factory=list)
+    locked: list[Path] = field(default_factory=list)
+    prelude: str = ""
+    signal: tuple[int, Path] | None = None
+    check: Callable[[], None] | None = None
+
+
+CATEGORIES = ("config fields and overrides", "run directories", "checkpoints and run files", "data files",
+              "sampling and evaluation settings", "pairs and distillation", "concurrency", "signals",
+              "resource exhaustion")
 
 
 class Cases(dict):
-    """name -> builder(case_dir, runs) -> Case. Most of the time of a failing command is Python and torch
-    start-up, so a test module's cases are launched together (a few processes at a time) by `run`."""
+    """name -> builder(case_dir, runs) -> Case, each in a category (CATEGORIES). Most of the time of a failing
+    command is Python and torch start-up, so a test module's cases are launched together (a few processes at
+    a time) by `run`."""
 
-    def add(self, name: str):
+    def __init__(self, category: str):
+        super().__init__()
+        assert category in CATEGORIES, category
+        self.category, self.categories = category, {}
+
+    def add(self, name: str, category: str | None = None):
         def register(builder: Callable[[Path, dict[str, Path]], Case]):
             self[name] = builder
+            self.categories[name] = category or self.category
+            assert self.categories[name] in CATEGORIES, self.categories[name]
             return builder
         return register
 
@@ -119,11 +153,19 @@ class Cases(dict):
             built[name] = builder(d, runs)
         watched = {p for c in built.values() for p in c.watch}
         before = {p: snapshot(p) for p in watched}
-        with ThreadPoolExecutor(WORKERS) as pool:
-            futures = {name: pool.submit(run_cli, *c.args, cwd=c.cwd) for name, c in built.items()}
+        with ExitStack() as held, ThreadPoolExecutor(WORKERS) as pool:
+            for path in {p for c in built.values() for p in c.locked}:
+                held.enter_context(writer_lock(path))
+            futures = {name: pool.submit(_launch, c) for name, c in built.items()}
             results = {name: f.result() for name, f in futures.items()}
         after = {p: snapshot(p) for p in watched}
         return {name: (c, results[name], before, after) for name, c in built.items()}
+
+
+def _launch(c: Case) -> subprocess.CompletedProcess:
+    if c.signal is not None:
+        return run_cli_signalled(*c.args, signum=c.signal[0], when=c.signal[1], cwd=c.cwd)
+    return run_cli(*c.args, cwd=c.cwd, prelude=c.prelude)
 
 
 def case_tests(cases: Cases, name: str):
@@ -136,8 +178,12 @@ def case_tests(cases: Cases, name: str):
     @pytest.mark.parametrize("case", list(cases))
     def test_fails_cleanly(case, outcomes):
         c, result, before, after = outcomes[case]
-        assert_error(result, *c.fragments)
+        assert_error(result, *c.fragments, code=c.code)
         for path in c.watch:
             assert after[path] == before[path], f"{path} changed"
+        for path in c.absent:
+            assert not path.exists(), f"{path} exists"
+        if c.check is not None:
+            c.check()
 
     return outcomes, test_fails_cleanly

@@ -26,7 +26,7 @@ def test_train_on_user_npz(tmp_path):
     # random pixels take every grey value: 256 levels keep them (17 would quantise them, which is refused)
     ok(run_cli("train", "ar", "--dataset", data, "--out", out, *TRAIN_TINY, "tokenizer.levels=256"))
     assert {p.name for p in out.iterdir()} == {"config.json", "checkpoint.safetensors", "log.jsonl", "loss.png",
-                                               "loss.svg"}
+                                               "loss.svg", "command.txt"}
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["data"]["name"] == "npz" and cfg["data"]["path"] == str(data)
     assert cfg["train"]["max_steps"] == 2 and cfg["model"]["width"] == 32

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 from clitools import TRAIN_TINY, Case, Cases, case_tests, good_arrays, savez, write_npz
 
-CASES = Cases()
+CASES = Cases("data files")
 case = CASES.add
 
 

@@ -15,7 +15,7 @@ from clitools import TRAIN_TINY, Case, Cases, case_tests, copy_run
 
 from isynth.presets import make_run
 
-CASES = Cases()
+CASES = Cases("config fields and overrides")
 case = CASES.add
 
 
@@ -55,7 +55,7 @@ BAD_CONFIG = {
 for _name, (_args, _frags) in BAD_CONFIG.items():
     def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
         return Case([*args, "--out", d / "run"], tuple(frags), [d], cwd=d)
-    CASES[f"config-{_name}"] = _build
+    case(f"config-{_name}")(_build)
 
 
 @case("unknown-command")
@@ -70,32 +70,32 @@ def _(d, runs):
 
 # run directories -----------------------------------------------------------------------------------
 
-@case("out-is-non-run-dir")
+@case("out-is-non-run-dir", "run directories")
 def _(d, runs):
     (d / "stuff").mkdir()
     (d / "stuff" / "notes.txt").write_text("mine")
     return Case(["train", "ar", "--out", d / "stuff", *TRAIN_TINY], ("not an isynth run directory",), [d])
 
 
-@case("out-is-a-file")
+@case("out-is-a-file", "run directories")
 def _(d, runs):
     (d / "file").write_text("mine")
     return Case(["train", "ar", "--out", d / "file", *TRAIN_TINY], ("not an isynth run directory",), [d])
 
 
-@case("out-under-a-file")
+@case("out-under-a-file", "run directories")
 def _(d, runs):
     (d / "file").write_text("mine")
     return Case(["train", "ar", "--out", d / "file" / "run", *TRAIN_TINY], ("file",), [d])
 
 
-@case("retrain-other-config")
+@case("retrain-other-config", "run directories")
 def _(d, runs):
     return Case(["train", "ar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY, "model.width=64"],
                 ("different config", "model.width", "32", "64"), [runs["a"]])
 
 
-@case("retrain-other-paradigm")
+@case("retrain-other-paradigm", "run directories")
 def _(d, runs):
     return Case(["train", "rar", "--dataset", "digits", "--out", runs["a"], *TRAIN_TINY],
                 ("different config", "paradigm"), [runs["a"]])
@@ -103,18 +103,18 @@ def _(d, runs):
 
 # checkpoints and configs of runs -------------------------------------------------------------------
 
-@case("foreign-checkpoint-eval")
+@case("foreign-checkpoint-eval", "checkpoints and run files")
 def _(d, runs):
     return Case(["eval", runs["b"], "--num-samples", "10"], ("checkpoint does not match",), [runs["b"]])
 
 
-@case("foreign-checkpoint-sample")
+@case("foreign-checkpoint-sample", "checkpoints and run files")
 def _(d, runs):
     return Case(["sample", runs["b"], "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint does not match",),
                 [runs["b"], d])
 
 
-@case("foreign-checkpoint-resume")
+@case("foreign-checkpoint-resume", "checkpoints and run files")
 def _(d, runs):
     return Case(["train", "ar", "--dataset", "digits", "--out", runs["b"], "--preset", "tiny", "--steps", "1",
                  "--quiet", "model.width=64"], ("checkpoint does not match",), [runs["b"]])
@@ -128,31 +128,31 @@ def _damaged_run(d: Path, runs, damage: str) -> Path:
     return run
 
 
-@case("corrupt-checkpoint-eval")
+@case("corrupt-checkpoint-eval", "checkpoints and run files")
 def _(d, runs):
     return Case(["eval", _damaged_run(d, runs, "random"), "--num-samples", "10"], ("checkpoint", "corrupt"), [d])
 
 
-@case("truncated-checkpoint-sample")
+@case("truncated-checkpoint-sample", "checkpoints and run files")
 def _(d, runs):
     run = _damaged_run(d, runs, "truncated")
     return Case(["sample", run, "--num-samples", "10", "--out", d / "s.npz"], ("checkpoint", "corrupt"), [d])
 
 
-@case("corrupt-checkpoint-resume")
+@case("corrupt-checkpoint-resume", "checkpoints and run files")
 def _(d, runs):
     run = _damaged_run(d, runs, "random")
     return Case(["train", "ar", "--dataset", "digits", "--out", run, *TRAIN_TINY], ("checkpoint", "corrupt"), [d])
 
 
-@case("config-json-not-json")
+@case("config-json-not-json", "checkpoints and run files")
 def _(d, runs):
     run = copy_run(runs["a"], d / "run")
     (run / "config.json").write_text("{nope")
     return Case(["eval", run, "--num-samples", "10"], ("config",), [d])
 
 
-@case("config-json-incomplete")
+@case("config-json-incomplete", "checkpoints and run files")
 def _(d, runs):
     run = copy_run(runs["a"], d / "run")
     cfg = json.loads((run / "config.json").read_text())
@@ -163,20 +163,20 @@ def _(d, runs):
 
 # sample and eval -----------------------------------------------------------------------------------
 
-@case("sample-no-checkpoint")
+@case("sample-no-checkpoint", "sampling and evaluation settings")
 def _(d, runs):
     (d / "run").mkdir()
     shutil.copyfile(runs["a"] / "config.json", d / "run" / "config.json")
     return Case(["sample", d / "run", "--out", d / "s.npz"], ("no checkpoint",), [d])
 
 
-@case("sample-not-a-run")
+@case("sample-not-a-run", "sampling and evaluation settings")
 def _(d, runs):
     (d / "run").mkdir()
     return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
 
 
-@case("sample-missing-dir")
+@case("sample-missing-dir", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["sample", d / "run", "--out", d / "s.npz"], ("not an isynth run directory",), [d])
 
@@ -192,25 +192,25 @@ _SAMPLE_BAD = {
 for _name, (_args, _frags) in _SAMPLE_BAD.items():
     def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
         return Case(["sample", runs["a"], "--out", d / "s.npz", *args], tuple(frags), [d, runs["a"]])
-    CASES[f"sample-{_name}"] = _build
+    case(f"sample-{_name}", "sampling and evaluation settings")(_build)
 
 
-@case("sample-out-not-npz")
+@case("sample-out-not-npz", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["sample", runs["a"], "--out", d / "x.txt"], (".npz", "x.txt"), [d, runs["a"]])
 
 
-@case("eval-not-a-run")
+@case("eval-not-a-run", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["eval", d], ("not an isynth run directory",), [d])
 
 
-@case("eval-one-sample")
+@case("eval-one-sample", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["eval", runs["a"], "--num-samples", "1"], ("--num-samples",), [runs["a"]])
 
 
-@case("eval-bad-sampling")
+@case("eval-bad-sampling", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["eval", runs["a"], "--num-samples", "10", "sample.head.top_p=2"], ("top_p",), [runs["a"]])
 
@@ -234,40 +234,40 @@ def _(d, runs):
 
 # pairs and get -------------------------------------------------------------------------------------
 
-@case("pairs-teacher-not-diffusion")
+@case("pairs-teacher-not-diffusion", "pairs and distillation")
 def _(d, runs):
     return Case(["pairs", runs["a"], "--num-pairs", "10", "--out", d / "p"], ("'ar' run", "'diffusion'"),
                 [d, runs["a"]])
 
 
-@case("pairs-zero")
+@case("pairs-zero", "pairs and distillation")
 def _(d, runs):
     return Case(["pairs", runs["a"], "--num-pairs", "0", "--out", d / "p"], ("--num-pairs", "0"), [d, runs["a"]])
 
 
-@case("pairs-teacher-not-a-run")
+@case("pairs-teacher-not-a-run", "pairs and distillation")
 def _(d, runs):
     return Case(["pairs", d, "--num-pairs", "5", "--out", d / "p"], ("not an isynth run directory",), [d])
 
 
-@case("get-without-pairs")
+@case("get-without-pairs", "pairs and distillation")
 def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY], ("method.pairs", "isynth pairs"), [d])
 
 
-@case("shuffle-pairs-not-get")
+@case("shuffle-pairs-not-get", "pairs and distillation")
 def _(d, runs):
     return Case(["train", "ar", "--out", d / "run", *TRAIN_TINY, "--shuffle-pairs"], ("--shuffle-pairs", "'ar'"), [d])
 
 
-@case("get-cfg-scale")
+@case("get-cfg-scale", "pairs and distillation")
 def _(d, runs):
     (d / "run").mkdir()
     (d / "run" / "config.json").write_text(make_run("get", "tiny", ["method.pairs=p"]).to_json())
     return Case(["eval", d / "run", "--cfg-scale", "2"], ("'get' has no guidance",), [d])
 
 
-@case("get-pairs-corrupt-shard")
+@case("get-pairs-corrupt-shard", "pairs and distillation")
 def _(d, runs):
     pairs = d / "pairs"
     pairs.mkdir()
@@ -279,7 +279,7 @@ def _(d, runs):
                 ("shard-00000.safetensors", "corrupt pair shard"), [d])
 
 
-@case("get-pairs-missing")
+@case("get-pairs-missing", "pairs and distillation")
 def _(d, runs):
     return Case(["train", "get", "--out", d / "run", *TRAIN_TINY, f"method.pairs={d / 'nope'}"],
                 ("not a pair directory",), [d])
@@ -299,7 +299,7 @@ for _name, (_args, _frags) in _COMPARE_BAD.items():
     def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
         defaults = [x for opt, val in (("--preset", "tiny"), ("--flops", "2e9")) if opt not in args for x in (opt, val)]
         return Case(["compare", "--out", d / "cmp", "--quiet", *defaults, *args], tuple(frags), [d], cwd=d)
-    CASES[f"compare-{_name}"] = _build
+    case(f"compare-{_name}")(_build)
 
 
 outcomes, test_bad_input_fails_cleanly = case_tests(CASES, "errors")

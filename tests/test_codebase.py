@@ -11,9 +11,11 @@ PACKAGE = ROOT / "isynth"
 MAX_LINES = 400
 # Third-party modules imported on first use, each because importing it costs about a second or more on
 # these machines and most commands never need it: diffusers (DPM-Solver++, AutoencoderKL), scikit-learn (the
-# digits), torchmetrics (FD), vector-quantize-pytorch (learned quantisers). Everything else, and every isynth
-# module, is imported at the top of the module.
-DEFERRED = {"diffusers", "sklearn", "torchmetrics", "vector_quantize_pytorch"}
+# digits), torchmetrics (FD), vector-quantize-pytorch (learned quantisers); and the tracking sinks, optional
+# extras that most runs never use and that may not be installed: tensorboard (through torch.utils.tensorboard)
+# and wandb. Everything else, and every isynth module, is imported at the top of the module.
+DEFERRED = {"diffusers", "sklearn", "torchmetrics", "vector_quantize_pytorch", "tensorboard",
+            "torch.utils.tensorboard", "wandb"}
 
 
 def _modules() -> dict[str, Path]:
@@ -51,7 +53,7 @@ def test_imports_are_at_the_top_of_each_module():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
-                if any(name.split(".")[0] not in DEFERRED for name in names):
+                if any(name.split(".")[0] not in DEFERRED and name not in DEFERRED for name in names):
                     misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not misplaced, "imports inside functions or classes:\n" + "\n".join(misplaced)
 

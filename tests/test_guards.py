@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,15 +28,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 RUN = ["train.max_steps=20", "train.ckpt_every=10", "train.log_every=5"]
 
 
-def _nan_at(monkeypatch, calls: set[int]):
-    """Make AR's loss NaN at the given (0-based) calls: a diverging batch."""
-    real, n = AR.loss, [0]
+def _nan_at(monkeypatch, steps: set[int]):
+    """Make AR's loss NaN at the given (0-based) training steps, none of them 0: a diverging batch. By step,
+    not by call: the memory estimate's forward passes (isynth.memory) come before step 0."""
+    assert 0 not in steps
+    real = AR.loss
 
     def loss(self, tokens, labels):
         value = real(self, tokens, labels)
-        bad = n[0] in calls
-        n[0] += 1
-        return value * float("nan") if bad else value
+        return value * float("nan") if self.train_step in steps else value
 
     monkeypatch.setattr(AR, "loss", loss)
 
@@ -214,55 +212,6 @@ def test_rar_loss_reads_the_drawn_permutation():
     assert abs(loss.item() - raster.item()) > 1e-4
 
 
-# --- 3. checkpoints validated on load -----------------------------------------------------------------
-
-def _edit_checkpoint(run_dir, change):
-    """Rewrite the run's checkpoint with `change(tensors, meta)` applied (as a user or a bad disk might)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    path = run_dir / "checkpoint.safetensors"
-    t = dict(tensors(run_dir))
-    with safe_open(path, framework="pt") as f:
-        md = f.metadata()
-    meta = json.loads(md["meta"])
-    change(t, meta)
-    save_file(t, path, metadata={**md, "meta": json.dumps(meta)})
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache):
-    """A finished 10-step run whose checkpoint each case corrupts in a copy."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
-    return out
-
-
-@pytest.mark.parametrize("name,change,message", [
-    ("nan-weight", lambda t, m: t["model/net.blocks.0.mlp.fc1.weight"].fill_(float("nan")),
-     "weights tensor net.blocks.0.mlp.fc1.weight holds non-finite"),
-    ("nan-ema", lambda t, m: t.__setitem__("ema/net.norm.weight", t["ema/net.norm.weight"] * float("inf")),
-     "EMA tensor net.norm.weight holds non-finite"),
-    ("ema-dtype", lambda t, m: t.__setitem__("ema/net.norm.weight", t["ema/net.norm.weight"].double()),
-     "EMA tensor net.norm.weight is torch.float64"),
-    ("optim-shape", lambda t, m: t.__setitem__("optim/0/exp_avg", t["optim/0/exp_avg"][:1]),
-     "optimizer tensor 0/exp_avg"),
-    ("optim-nan", lambda t, m: t["optim/1/exp_avg_sq"].fill_(float("nan")), "optimizer tensor 1/exp_avg_sq"),
-    ("step-negative", lambda t, m: m.__setitem__("step", -3), "'step' must be a finite integer >= 0"),
-    ("step-float", lambda t, m: m.__setitem__("step", 2.5), "'step' must be a finite integer"),
-    ("step-past-budget", lambda t, m: m.__setitem__("step", 10_000), "past this run's 10 steps"),
-    ("flops-string", lambda t, m: m.__setitem__("train_flops", "many"), "'train_flops'"),
-])
-def test_a_corrupt_checkpoint_is_refused_on_resume_with_its_tensor_named(finished, tmp_path, name, change, message):
-    out = shutil.copytree(finished, tmp_path / "run")
-    _edit_checkpoint(out, change)
-    before = (out / "checkpoint.safetensors").read_bytes()
-    with pytest.raises(IsynthError, match=message):
-        train(make_run("ar", "tiny", [*RUN[1:], "train.max_steps=10"]), out, progress=False)
-    assert (out / "checkpoint.safetensors").read_bytes() == before
-
-
 # --- 6. resource exhaustion ---------------------------------------------------------------------------
 
 def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -298,43 +247,3 @@ def test_memory_exhaustion_is_one_line(tmp_path, monkeypatch, capsys):
     code = main(["train", "ar", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err.splitlines()
     assert code == 2 and len(err) == 1 and "out of memory" in err[0] and "batch_size" in err[0]
-
-
-# --- 2. every number validated where it enters --------------------------------------------------------
-
-@pytest.mark.parametrize("setting,message", [
-    ("sample.guidance.scale=inf", "sample.guidance.scale: must be a finite number"),
-    ("sample.guidance.scale=nan", "must be a finite number"),
-    ("sample.guidance.scale=-1", "sample.guidance.scale"),
-    ("sample.guidance.pow=inf", "must be a finite number"),
-    ("train.lr=nan", "train.lr: must be a finite number"),
-    ("train.lr=0", "train.lr must be > 0"),
-    ("train.seed=-1", r"train.seed must be in \[0, 2\^63\)"),
-    ("train.seed=99999999999999999999", "must fit in 64 bits"),
-    ("train.seed=1.5", "train.seed"),
-    ("train.beta1=1.0", r"beta1 and beta2 must be in \[0, 1\)"),
-    ("train.beta2=-0.1", "beta1 and beta2"),
-    ("train.weight_decay=-1", "weight_decay"),
-    ("train.ema_decay=1", "ema_decay"),
-    ("train.grad_clip=inf", "must be a finite number"),
-    ("train.batch_size=0", "batch_size"),
-    ("train.batch_size=true", "train.batch_size"),
-    ("train.skip_nonfinite=-2", "skip_nonfinite"),
-    ("train.eval_num_samples=2", "eval_num_samples must be >= 4"),
-    ("train.lr_schedule=linear", "choose one of|one of"),
-    ("model.width=nan", "model.width"),
-    ("model.mlp_ratio=inf", "must be a finite number"),
-    ("model.dropout=1.0", "dropouts"),
-    ("method.mask_ratio_mean=inf", "must be a finite number"),
-    ("method.mask_ratio_std=nan", "must be a finite number"),
-    ("sample.num_steps=0", "num_steps"),
-    ("sample.head.temperature=inf", "must be a finite number"),
-])
-def test_bad_numbers_are_one_line_and_leave_nothing(tmp_path, capsys, setting, message):
-    from isynth.cli import main
-    out = tmp_path / "run"
-    code = main(["train", "mar", "--preset", "tiny", "--steps", "2", "--out", str(out), "--quiet", setting])
-    err = capsys.readouterr().err.splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("isynth: error: "), err
-    assert re.search(message, err[0]), err[0]
-    assert not out.exists()

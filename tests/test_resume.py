@@ -163,7 +163,7 @@ def test_resume_after_sigkill(tmp_path, cache):
     assert meta_of(killed)["step"] == 40
     assert [x["step"] for x in log_of(killed)] == list(range(5, 41, 5))
     assert [deterministic(x) for x in log_of(killed)] == [deterministic(x) for x in log_of(whole)]
-    assert set(os.listdir(killed)) == RUN_FILES, "stale temporary files after resuming"
+    assert set(os.listdir(killed)) == RUN_FILES | {"command.txt"}, "stale temporary files after resuming"
 
 
 # --- 3. DDP ------------------------------------------------------------------------------------------
@@ -186,7 +186,7 @@ def test_ddp_two_processes(tmp_path, cache):
     w_ddp, w_one = load_checkpoint(out / CHECKPOINT)[0], load_checkpoint(single / CHECKPOINT)[0]
     for k in w_one:
         torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-4, atol=1e-5, msg=k)
-    assert set(os.listdir(out)) == RUN_FILES
+    assert set(os.listdir(out)) == RUN_FILES | {"command.txt"}  # rank 0 alone records the command
     weights, ema, opt, meta = load_checkpoint(out / CHECKPOINT)
     assert meta["world_size"] == 2 and meta["step"] == meta["total_steps"] == 6
     assert meta["train_flops"] == 6 * 32 * meta["flops_per_sample"]  # global batch 32, split 16 + 16

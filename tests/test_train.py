@@ -156,9 +156,10 @@ def test_rerun_finished_is_noop_and_other_config_is_rejected(tmp_path, capsys):
 
     rc, err = _cli(capsys, *args)
     assert rc == 0 and err == ""
-    assert unchanged() and set(os.listdir(out)) == RUN_FILES
+    assert unchanged() and set(os.listdir(out)) == RUN_FILES | {"command.txt"}  # `isynth train` records itself
 
-    for other in (["--steps", "8"], ["--steps", "4", "model.width=64"], ["--steps", "4", "train.lr=1e-2"]):
+    # (another --steps alone extends the run: test_extend.py)
+    for other in (["--steps", "8", "model.width=64"], ["--steps", "4", "train.lr=1e-2"]):
         rc, err = _cli(capsys, "train", "ar", "--preset", "tiny", "--out", out, "--quiet", *other)
         assert rc == 2
         assert len(err.strip().splitlines()) == 1 and err.startswith("isynth: error:") and "different config" in err

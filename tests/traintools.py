@@ -48,6 +48,15 @@ def meta_of(run_dir: Path) -> dict:
 
 
 def log_of(run_dir: Path) -> list[dict]:
+    """The training records of the log; event records (a changed budget) are `events_of`'s."""
+    return [rec for rec in _records(run_dir) if "event" not in rec]
+
+
+def events_of(run_dir: Path) -> list[dict]:
+    return [rec for rec in _records(run_dir) if "event" in rec]
+
+
+def _records(run_dir: Path) -> list[dict]:
     return [json.loads(ln) for ln in (Path(run_dir) / LOG).read_text().splitlines()]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +26,41 @@ def save_samples(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray
     path = Path(path)
     if path.suffix != ".npz":
         path = path.with_name(path.name + ".npz")
-    validate_images(images, labels, str(path))
+    validate_images(images, labels, str(path), min_images=1)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         # A file object, not a name: np.savez would append a second `.npz` to the temporary name.
         np.savez(f, arr_0=np.ascontiguousarray(images), labels=np.asarray(labels, dtype=np.int64))
     return path
 
 
+def save_samples_from_shards(path: str | os.PathLike, shards: list[Path]) -> Path:
+    """Concatenate sample `.npz` shards into one `.npz` without holding more than one shard in memory: each
+    array is streamed into its zip member as an `.npy` header (the total shape) followed by every shard's
+    bytes, exactly the file `np.savez` writes for the concatenated arrays."""
+    shape, counts = None, []
+    for p in shards:  # every shard read and checked, one at a time, before anything is written
+        images, labels = load_samples(p)
+        shape = shape or images.shape[1:]
+        if images.shape[1:] != shape:
+            raise IsynthError(f"{p}: shard images of shape {images.shape[1:]}, the first shard's are {shape}")
+        counts.append(len(labels))
+    n = sum(counts)
+    path = Path(path)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for key, dtype, tail in (("arr_0", np.uint8, shape), ("labels", np.int64, ())):
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                      "shape": (n, *tail)}
+            with zf.open(f"{key}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array_header_1_0(member, header)
+                for p in shards:
+                    with np.load(p) as f:
+                        member.write(np.ascontiguousarray(f[key], dtype=dtype).tobytes())
+    return path
+
+
 def load_samples(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read and validate a samples `.npz`: (images uint8 [N, H, W, C], labels int64 [N])."""
-    return read_npz(path, what="samples")
+    return read_npz(path, what="samples", min_images=1)
 
 
 def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int | None = None,

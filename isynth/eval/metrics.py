@@ -56,6 +56,23 @@ def frechet_distances(net: AttributeNet, real: np.ndarray, fakes: list[np.ndarra
     return out
 
 
+def gaussian_stats(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, covariance) in double of (N, D) features, the covariance normalised by N - 1 as torchmetrics'
+    FID accumulates it and the ADM evaluator's `np.cov`."""
+    x = feats.double()
+    mu = x.mean(dim=0)
+    centred = x - mu  # (N, D)
+    return mu, centred.T @ centred / (len(x) - 1)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """The Fréchet distance of `frechet_distances` between given Gaussians (e.g. a reference's precomputed
+    statistics), by the same torchmetrics function `FrechetInceptionDistance.compute` ends in."""
+    from torchmetrics.image.fid import _compute_fid
+
+    return float(_compute_fid(mu1.double(), sigma1.double(), mu2.double(), sigma2.double()))
+
+
 def _chunked(query: torch.Tensor, ref: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Apply `fn` to (chunk, N_ref) distance blocks and concatenate the per-query results."""
     return torch.cat([fn(torch.cdist(query[i:i + CDIST_CHUNK], ref)) for i in range(0, len(query), CDIST_CHUNK)])

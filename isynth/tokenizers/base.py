@@ -14,6 +14,7 @@ class Tokenizer:
     vocab_size: int          # discrete: number of ids; continuous: 0
     token_dim: int           # continuous: vector size; discrete: 1
     grid: tuple[int, int]    # (h, w) token grid
+    image_shape: tuple[int, int, int]  # (H, W, C) of the images it encodes and decodes
 
     @property
     def seq_len(self) -> int:
