@@ -2,7 +2,8 @@
 
 eMIGM (You et al. 2025, Table 1) shows MaskGIT, MAR and masked diffusion differ only by the masking
 distribution, the loss weighting and the conditional distribution; these pure functions are the first
-two. A schedule gamma(t) is the masked fraction at time t: gamma(0) = 0 (clean), gamma(1) = 1 (all masked).
+two. A schedule gamma(t) is the masked fraction at time t: gamma(0) = 0 (clean), gamma(1) = 1 (all masked;
+exp reaches 1 - e^-5, and the sampler's last step reveals whatever is left).
 """
 from __future__ import annotations
 

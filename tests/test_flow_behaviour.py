@@ -187,6 +187,19 @@ def test_get_samples_one_iteration_from_zero(get_model):
     assert not torch.allclose(first[0], first[1])
 
 
+def test_get_return_final_samples_the_kth_iterate(get_model):
+    """sample.return_final=true: the state after exactly k iterations; the default is torchdeq's
+    lowest-residual iterate among the first k, one of them."""
+    m = get_model.eval()
+    noise, labels = torch.randn(2, m.seq_len, m.token_dim), torch.tensor([1, 7])
+    images = _iterates(m, noise, labels, 4)
+    final = apply(m.run.sample, {"fixed_point_iters": 4, "return_final": True}, "sample.")
+    torch.testing.assert_close(m.sample_from(noise, labels, final), images[3], atol=1e-5, rtol=1e-5)
+    best = m.sample_from(noise, labels, apply(final, {"return_final": False}, "sample."))
+    for i in range(2):  # per sample, one of the iterates
+        assert any(torch.allclose(best[i], im[i], atol=1e-5, rtol=1e-5) for im in images)
+
+
 def test_get_injection_carries_the_class(get_model):
     m = get_model.eval()
     noise = torch.randn(1, m.seq_len, m.token_dim)

@@ -66,6 +66,9 @@ class GETConfig:
 @dataclass(frozen=True)
 class GETSampling:
     fixed_point_iters: int = 6      # solver iterations in the one sampling pass (GET eval: 6)
+    # which iterate is the sample: false = the one of smallest residual |f(z) - z| (torchdeq's fixed_point_iter
+    # default, which the authors' eval uses), true = the state after exactly fixed_point_iters iterations
+    return_final: bool = False
     batch_size: int = 256                   # images per sampling batch
     cuda_graphs: bool = True          # replay each step's network call from a CUDA graph (on CUDA; isynth.graphs)
 
@@ -135,7 +138,7 @@ class GET(FromNoise[GETConfig, GETSampling]):
         return [ui + cls for ui in u] if cls is not None else list(u)  # the class enters every qkv (reference)
 
     def _solve(self, noise: Tensor, labels: Tensor, iters: int | None = None,
-               generator: torch.Generator | None = None) -> list[Tensor]:
+               generator: torch.Generator | None = None, return_final: bool = False) -> list[Tensor]:
         """Equilibrium states (B, N, C): every unrolled state in training, [z*] in eval mode. The state starts
         at zeros, or (state_init=noise) at Gaussian noise drawn from `generator`."""
         u = self._injections(noise, labels)
@@ -146,8 +149,10 @@ class GET(FromNoise[GETConfig, GETSampling]):
         shape = (noise.shape[0], self.seq_len, self.run.model.width)
         z0 = torch.zeros(shape, device=noise.device, dtype=u[0].dtype) if self.run.method.state_init == "zeros" \
             else torch.randn(shape, generator=generator, device=noise.device).to(u[0].dtype)
-        kwargs = {} if iters is None else {"solver_kwargs": {"f_max_iter": iters}}
-        states, _ = self.deq(f, z0, **kwargs)
+        solver = {} if iters is None else {"f_max_iter": iters}
+        if return_final:  # passed to torchdeq's solver, which otherwise keeps the lowest-residual iterate
+            solver["return_final"] = True
+        states, _ = self.deq(f, z0, **({"solver_kwargs": solver} if solver else {}))
         return states
 
     def _output(self, z: Tensor) -> Tensor:
@@ -173,7 +178,8 @@ class GET(FromNoise[GETConfig, GETSampling]):
         was_training = self.training
         self.eval()
         try:
-            (z,) = self._solve(noise.float(), labels, iters=s.fixed_point_iters, generator=generator)
+            (z,) = self._solve(noise.float(), labels, iters=s.fixed_point_iters, generator=generator,
+                               return_final=s.return_final)
         finally:
             self.train(was_training)
         return self._output(z).float()
