@@ -24,14 +24,16 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def read_manifest(pairs_dir: Path) -> dict:
+def read_manifest(pairs_dir: Path, complete: bool = True) -> dict:
+    """The pair directory's manifest; `complete`: it must hold pairs (a directory `isynth pairs` was killed in
+    before its first shard holds none, and is resumed by it)."""
     path = Path(pairs_dir) / MANIFEST
     if not path.is_file():
         raise IsynthError(f"{pairs_dir} is not a pair directory (no {MANIFEST}); make one with `isynth pairs`")
     manifest = read_json(path, "pair manifest")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IsynthError(f"{path}: not an isynth pair manifest (format {FORMAT})")
-    if manifest.get("num_pairs", 0) < 1:
+    if complete and manifest.get("num_pairs", 0) < 1:
         raise IsynthError(f"{pairs_dir} holds zero pairs")
     return manifest
 

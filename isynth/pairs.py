@@ -116,7 +116,7 @@ def _resume_manifest(out: Path, fresh: dict) -> dict:
         if out.exists() and (not out.is_dir() or any(p for p in out.iterdir() if not p.name.startswith("."))):
             raise IsynthError(f"{out} exists and is not a pair directory (no {MANIFEST}); use a new --out")
         return fresh
-    saved = read_manifest(out)
+    saved = read_manifest(out, complete=False)
     for key in ("teacher", "sampling", "seed", "shard_size", "seq_len", "token_dim"):
         if saved.get(key) != fresh[key]:
             raise IsynthError(f"{out} holds pairs with a different {key} (teacher checkpoint, sampler, seed or "

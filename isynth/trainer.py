@@ -265,6 +265,8 @@ def _train(s: Setup, data: tuple[torch.Tensor, torch.Tensor], out: Path, rank: i
     if start_step >= total:
         if rank == 0 and progress:
             print(f"{out}: already trained for {total} steps")
+        if rank == 0 and not all((out / f"loss{ext}").is_file() for ext in (".png", ".svg")):
+            loss_curves([out], out / "loss")  # a run killed between its last checkpoint and its curves
         return out
 
     tracker.open(start_step)
