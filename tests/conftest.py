@@ -1,5 +1,6 @@
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import isynth  # noqa: F401  (sets the MKL reproducibility variables before torch loads MKL)
@@ -40,15 +41,31 @@ def cache(tmp_path_factory):
     return path
 
 
+@contextmanager
+def _on_one_thread(cache: Path):
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ISYNTH_CACHE", str(cache))
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
 @pytest.fixture
-def one_thread(cache, monkeypatch):
+def one_thread(cache):
     """Training tests train in-process on one thread (the tiny model gains nothing from more; steady under
     load); use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    monkeypatch.setenv("ISYNTH_CACHE", str(cache))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with _on_one_thread(cache):
+        yield
+
+
+@pytest.fixture(scope="module")
+def single_thread(cache):
+    """`one_thread` for a whole module: for module-scoped fixtures that train in-process."""
+    with _on_one_thread(cache):
+        yield
 
 
 @pytest.fixture(scope="session")

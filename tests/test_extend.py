@@ -103,17 +103,10 @@ def test_a_budget_below_the_steps_done_is_refused_and_changes_nothing(tmp_path, 
 # --- fine-tuning -------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory, cache):
+def source(tmp_path_factory, single_thread):
     """A tiny `ar` run on digits: the weights fine-tuning starts from."""
     out = tmp_path_factory.mktemp("source") / "digits-ar"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        torch.set_num_threads(1)
-        try:
-            train(make_run("ar", "tiny", ["train.max_steps=40"]), out, progress=False)
-        finally:
-            torch.set_num_threads(threads)
+    train(make_run("ar", "tiny", ["train.max_steps=40"]), out, progress=False)
     return out
 
 

@@ -41,16 +41,6 @@ METRICS = {"paradigm": "ar", "step": 2, "fd_digits": 123.25, "class_accuracy": 0
 
 
 @pytest.fixture(scope="module")
-def single_thread(cache):
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def ar_run(tmp_path_factory, single_thread) -> tuple[Path, Path, dict]:
     """A tiny `ar` run made by `isynth train` (which records its command), a metrics.json, and `isynth export`:
     (run, exported folder, what export printed). In-process, as the user's command lines (relative paths)."""

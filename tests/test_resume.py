@@ -33,17 +33,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+def reference(tmp_path_factory, single_thread):
     """The uninterrupted in-process run that the resumed ones must reproduce bit for bit."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        torch.set_num_threads(1)
-        try:
-            train(make_run("rar", "tiny", RESUME_OVERRIDES), out, progress=False)
-        finally:
-            torch.set_num_threads(threads)
+    train(make_run("rar", "tiny", RESUME_OVERRIDES), out, progress=False)
     return out
 
 

@@ -57,17 +57,6 @@ def data(data_npz) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def single_thread(cache):
-    """In-process training on one thread (tiny nets gain nothing from more; steady when cores are shared)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ISYNTH_CACHE", str(cache))
-        torch.set_num_threads(1)
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data, single_thread) -> dict[str, Path]:
     """Each kind trained once at the tiny preset."""
     root = tmp_path_factory.mktemp("tokenizers")
