@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 from isynth import __version__
 from isynth.claimcommand import claim as claim_command
@@ -137,6 +138,7 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, 
     one a single process writes with the same seed."""
     if label_list is not None and attrs is not None:
         raise IsynthError("give --labels or --attrs, not both")
+    asked_count = click.get_current_context().get_parameter_source("num_samples") != ParameterSource.DEFAULT
     if num_samples <= 0:
         raise IsynthError(f"--num-samples must be > 0, got {num_samples}")
     if shard_size < 1:
@@ -150,6 +152,9 @@ def sample(run_dir, num_samples, out, seed, cfg_scale, kv_cache, no_ema, attrs, 
     s = _sampling(model.run, overrides, cfg_scale, kv_cache)
     if label_list is not None:
         labels, asked = parse_labels(label_list, dataset.conditions.num_classes), {}
+        if asked_count and num_samples != len(labels):
+            raise IsynthError(f"--labels gives {len(labels)} class ids (one per sample) but --num-samples is "
+                              f"{num_samples}; give one of them, or as many ids as samples")
         num_samples = len(labels)
     elif attrs is None:
         labels, asked = balanced_labels(num_samples, dataset.conditions), {}

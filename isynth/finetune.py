@@ -6,7 +6,9 @@ the new model's weights and its EMA's start; the optimizer starts fresh, and the
 Everything is checked before anything is written: the source is a run directory with a checkpoint, of the
 same paradigm, and every tensor has the new model's shape. The new run directory then appears with its
 config, `init_from.json` (the source's directory, step and checkpoint SHA-256) and a step-0 checkpoint of
-those weights, so resuming the new run reads only its own checkpoint, never the source again.
+those weights, so resuming the new run reads only its own checkpoint, never the source again. The source may
+also be a folder written by `isynth export` (its `model.safetensors` holds the EMA weights), e.g. a model
+downloaded from the Hub with `huggingface_hub.snapshot_download`.
 """
 from __future__ import annotations
 
@@ -25,27 +27,47 @@ INIT_FROM = "init_from.json"
 TOKENIZER = "tokenizer."  # state-dict prefix of the run's own tokenizer, never taken from the source
 
 
-def load_init(source: Path, run: RunConfig, model: Paradigm) -> dict:
-    """Check `source` for `run` and load its EMA weights into `model`; returns the record of init_from.json."""
-    source = Path(source)
-    where = f"--init-from {source}"
-    if not source.is_dir():
-        raise IsynthError(f"{where}: no such run directory")
-    paradigm = read_config_dict(source).get("paradigm")
-    if paradigm != run.paradigm:
-        raise IsynthError(f"{where} is a {paradigm!r} run; a {run.paradigm!r} run cannot start from its weights")
+def _exported_source(source: Path, where: str) -> tuple[str, dict, int, str, str]:
+    """(paradigm, EMA weights, step, weights file's SHA-256, its name) of an exported folder (`isynth export`),
+    checked as `isynth sample` checks it."""
+    from isynth.hub import WEIGHTS, load_export  # hub reads runs; imported here to keep the trainer's imports light
+
+    try:
+        model, info = load_export(source, device=torch.device("cpu"))
+    except IsynthError as e:
+        raise IsynthError(f"{where}: {e}") from None
+    return info.run.paradigm, model.state_dict(), info.meta["step"], sha256_file(source / WEIGHTS), WEIGHTS
+
+
+def _run_source(source: Path, where: str) -> tuple[str, dict, int, str, str]:
+    """The same of a run directory: its checkpoint's EMA weights."""
     ckpt = source / CHECKPOINT
     if not ckpt.is_file():
         raise IsynthError(f"{where} has no checkpoint yet; train it first")
     sha = sha256_file(ckpt)
     _, ema, _, meta = load_checkpoint(ckpt)
-    step = check_meta(meta, None, ckpt)["step"]
+    return read_config_dict(source)["paradigm"], ema, check_meta(meta, None, ckpt)["step"], sha, CHECKPOINT
+
+
+def load_init(source: Path, run: RunConfig, model: Paradigm) -> dict:
+    """Check `source` (a run directory, or a folder written by `isynth export`) for `run` and load its EMA
+    weights into `model`; returns the record of init_from.json."""
+    source = Path(source)
+    where = f"--init-from {source}"
+    if not source.is_dir():
+        raise IsynthError(f"{where}: no such run directory")
+    data = read_config_dict(source)
+    if data.get("paradigm") != run.paradigm:
+        raise IsynthError(f"{where} is a {data.get('paradigm')!r} run; a {run.paradigm!r} run cannot start from "
+                          "its weights")
+    exported = "export" in data
+    paradigm, ema, step, sha, file = (_exported_source if exported else _run_source)(source, where)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(TOKENIZER)}
     state = {k: v for k, v in ema.items() if not k.startswith(TOKENIZER)}
-    check_state(own, state, Path(f"{where} ({CHECKPOINT})"), "EMA weights")  # names the first tensor that differs
+    check_state(own, state, Path(f"{where} ({file})"), "EMA weights")  # names the first tensor that differs
     model.load_state_dict(state, strict=False)
     return {"run_dir": str(source.resolve()), "paradigm": paradigm, "step": step, "checkpoint_sha256": sha,
-            "weights": "ema"}
+            "weights": "ema", **({"exported": True} if exported else {})}
 
 
 def write_init(directory: Path, model: Paradigm, optimizer: torch.optim.Optimizer, record: dict, total_steps: int,

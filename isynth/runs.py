@@ -40,6 +40,10 @@ from isynth.tokenizers.build import build_tokenizer
 def read_run_config(run_dir: Path) -> RunConfig:
     """The RunConfig of a run directory (its config.json, every value checked)."""
     data = read_config_dict(run_dir)
+    if "export" in data:  # isynth.hub's folders: weights and config, no checkpoint, log or dataset
+        raise IsynthError(f"{run_dir} is a folder written by `isynth export`, not a run directory: `isynth sample "
+                          f"{run_dir}` samples from it, `isynth score SAMPLES.npz` rates the samples, and "
+                          f"`isynth train ... --init-from {run_dir}` fine-tunes it")
     try:
         return run_from_dict(data)
     except IsynthError as e:

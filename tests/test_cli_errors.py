@@ -188,6 +188,8 @@ _SAMPLE_BAD = {
     "old-name": (["sample.temperature=0.5"], ["sample.temperature", "renamed", "sample.head.temperature"]),
     "unknown-field": (["nope=1"], ["nope"]),
     "cfg-negative": (["--cfg-scale", "-1"], ["guidance.scale"]),
+    "labels-against-count": (["--labels", "1,2,3", "--num-samples", "20"],
+                             ["--labels gives 3 class ids", "--num-samples is 20"]),
 }
 for _name, (_args, _frags) in _SAMPLE_BAD.items():
     def _build(d: Path, runs, args=_args, frags=_frags) -> Case:
@@ -203,6 +205,14 @@ def _(d, runs):
 @case("eval-not-a-run", "sampling and evaluation settings")
 def _(d, runs):
     return Case(["eval", d], ("not an isynth run directory",), [d])
+
+
+@case("eval-exported-folder", "sampling and evaluation settings")
+def _(d, runs):
+    from isynth.hub import export_run
+
+    export_run(runs["a"], d / "hub")
+    return Case(["eval", d / "hub"], ("written by `isynth export`, not a run directory", "isynth sample"), [d])
 
 
 @case("eval-one-sample", "sampling and evaluation settings")

@@ -157,6 +157,27 @@ def test_a_fine_tuning_run_starts_from_the_source_ema_and_resumes_from_its_own_c
     assert [deterministic(r) for r in log_of(out)] == [deterministic(r) for r in log_of(whole)]
 
 
+def test_an_exported_folder_is_a_source_like_its_run(tmp_path, capsys, source):
+    """`isynth export`'s model.safetensors holds the run's EMA weights: a run started from the folder starts
+    where one started from the run does, and trains to the same weights."""
+    from isynth.hub import WEIGHTS, export_run
+
+    folder = export_run(source, tmp_path / "hub")
+    args = ["train", "ar", "--preset", "tiny", "--steps", 3, "--quiet"]
+    rc, out, err = _cli(capsys, *args, "--out", tmp_path / "from-folder", "--init-from", folder)
+    assert rc == 0, err
+    assert f"starts from the EMA weights of {folder} at step 40" in out
+    assert _cli(capsys, *args, "--out", tmp_path / "from-run", "--init-from", source)[0] == 0
+    assert_same_tensors(tmp_path / "from-run", tmp_path / "from-folder")
+    record = json.loads((tmp_path / "from-folder" / INIT_FROM).read_text())
+    assert record == {"run_dir": str(folder.resolve()), "paradigm": "ar", "step": 40, "weights": "ema",
+                      "checkpoint_sha256": sha256_file(folder / WEIGHTS), "exported": True}
+    rc, _, err = _cli(capsys, "train", "maskgit", "--preset", "tiny", "--steps", 2, "--quiet", "--init-from", folder,
+                      "--out", tmp_path / "other")
+    _one_error_line(rc, err, "is a 'ar' run", "'maskgit'")
+    assert not (tmp_path / "other").exists()
+
+
 def test_bad_sources_are_refused_with_one_line_and_no_run_directory(tmp_path, capsys, source):
     tiny = ["--preset", "tiny", "--steps", 2, "--quiet", "--init-from"]
     new = tmp_path / "new"
