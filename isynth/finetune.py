@@ -21,6 +21,7 @@ from isynth.checkpoint import CHECKPOINT, check_meta, check_state, load_checkpoi
 from isynth.config import RunConfig
 from isynth.errors import IsynthError
 from isynth.files import atomic_write_text, sha256_file
+from isynth.hub import WEIGHTS, load_export
 from isynth.paradigms.base import Paradigm
 
 INIT_FROM = "init_from.json"
@@ -30,8 +31,6 @@ TOKENIZER = "tokenizer."  # state-dict prefix of the run's own tokenizer, never 
 def _exported_source(source: Path, where: str) -> tuple[str, dict, int, str, str]:
     """(paradigm, EMA weights, step, weights file's SHA-256, its name) of an exported folder (`isynth export`),
     checked as `isynth sample` checks it."""
-    from isynth.hub import WEIGHTS, load_export  # hub reads runs; imported here to keep the trainer's imports light
-
     try:
         model, info = load_export(source, device=torch.device("cpu"))
     except IsynthError as e:
