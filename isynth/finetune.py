@@ -28,24 +28,24 @@ INIT_FROM = "init_from.json"
 TOKENIZER = "tokenizer."  # state-dict prefix of the run's own tokenizer, never taken from the source
 
 
-def _exported_source(source: Path, where: str) -> tuple[str, dict, int, str, str]:
-    """(paradigm, EMA weights, step, weights file's SHA-256, its name) of an exported folder (`isynth export`),
-    checked as `isynth sample` checks it."""
+def _exported_source(source: Path, where: str) -> tuple[dict, int, str, str]:
+    """(EMA weights, step, weights file's SHA-256, its name) of an exported folder (`isynth export`), checked as
+    `isynth sample` checks it."""
     try:
         model, info = load_export(source, device=torch.device("cpu"))
     except IsynthError as e:
         raise IsynthError(f"{where}: {e}") from None
-    return info.run.paradigm, model.state_dict(), info.meta["step"], sha256_file(source / WEIGHTS), WEIGHTS
+    return model.state_dict(), info.meta["step"], sha256_file(source / WEIGHTS), WEIGHTS
 
 
-def _run_source(source: Path, where: str) -> tuple[str, dict, int, str, str]:
+def _run_source(source: Path, where: str) -> tuple[dict, int, str, str]:
     """The same of a run directory: its checkpoint's EMA weights."""
     ckpt = source / CHECKPOINT
     if not ckpt.is_file():
         raise IsynthError(f"{where} has no checkpoint yet; train it first")
     sha = sha256_file(ckpt)
     _, ema, _, meta = load_checkpoint(ckpt)
-    return read_config_dict(source)["paradigm"], ema, check_meta(meta, None, ckpt)["step"], sha, CHECKPOINT
+    return ema, check_meta(meta, None, ckpt)["step"], sha, CHECKPOINT
 
 
 def load_init(source: Path, run: RunConfig, model: Paradigm) -> dict:
@@ -60,12 +60,12 @@ def load_init(source: Path, run: RunConfig, model: Paradigm) -> dict:
         raise IsynthError(f"{where} is a {data.get('paradigm')!r} run; a {run.paradigm!r} run cannot start from "
                           "its weights")
     exported = "export" in data
-    paradigm, ema, step, sha, file = (_exported_source if exported else _run_source)(source, where)
+    ema, step, sha, file = (_exported_source if exported else _run_source)(source, where)
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(TOKENIZER)}
     state = {k: v for k, v in ema.items() if not k.startswith(TOKENIZER)}
     check_state(own, state, Path(f"{where} ({file})"), "EMA weights")  # names the first tensor that differs
     model.load_state_dict(state, strict=False)
-    return {"run_dir": str(source.resolve()), "paradigm": paradigm, "step": step, "checkpoint_sha256": sha,
+    return {"run_dir": str(source.resolve()), "paradigm": run.paradigm, "step": step, "checkpoint_sha256": sha,
             "weights": "ema", **({"exported": True} if exported else {})}
 
 
